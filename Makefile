@@ -1,0 +1,36 @@
+# Two commands do all set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test sysdeps bench-data clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,bench]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's chromium renders the HTML report in the report test; fashion-mnist feeds the benchmarks.
+sysdeps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the report test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+bench-data:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
+
+demo: install
+	$(VENV)/bin/imgarena compare sample --models mixer_s4,vit_s4,convnext_atto_s,resnet18_s,mlp \
+	    --epochs 3 --out demo-out
+
+test: install sysdeps
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs demo-out .pytest_cache

@@ -1,0 +1,1 @@
+"""`imgarena bench` (not yet implemented: defines no register())."""

@@ -1,0 +1,1 @@
+"""`imgarena compare` (not yet implemented: defines no register())."""

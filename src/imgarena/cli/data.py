@@ -1,0 +1,1 @@
+"""`imgarena data` (not yet implemented: defines no register())."""

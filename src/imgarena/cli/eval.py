@@ -1,0 +1,1 @@
+"""`imgarena eval` (not yet implemented: defines no register())."""

@@ -1,0 +1,1 @@
+"""`imgarena export` (not yet implemented: defines no register())."""

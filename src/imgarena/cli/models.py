@@ -1,0 +1,1 @@
+"""`imgarena models` (not yet implemented: defines no register())."""

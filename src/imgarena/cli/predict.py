@@ -1,0 +1,1 @@
+"""`imgarena predict` (not yet implemented: defines no register())."""

@@ -1,0 +1,1 @@
+"""`imgarena train` (not yet implemented: defines no register())."""

@@ -1,0 +1,1 @@
+"""mixer family: being written (see issue #3)."""

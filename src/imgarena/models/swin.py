@@ -1,0 +1,1 @@
+"""swin family: being written (see issue #3)."""

@@ -1,0 +1,34 @@
+import subprocess
+import sys
+
+import pytest
+
+from imgarena.cli import main
+
+
+def test_help_lists_only_implemented_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    from imgarena.cli import COMMANDS
+    import importlib
+
+    for name in COMMANDS:
+        mod = importlib.import_module(f"imgarena.cli.{name}")
+        assert (f" {name} " in out or f"{{{name}" in out or f",{name}" in out) == hasattr(mod, "register"), name
+
+
+def test_python_dash_m_runs():
+    r = subprocess.run([sys.executable, "-m", "imgarena", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "imgarena" in r.stdout
+
+
+def test_no_command_exits_2(capsys):
+    assert main([]) == 2
+
+
+def test_top_level_import_does_not_import_torch():
+    code = "import sys, imgarena; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
