@@ -1,0 +1,146 @@
+"""BatchLoader: cached uint8 images -> normalised, augmented float batches on the training device.
+
+Everything random is a pure function of (seed, epoch, step): the epoch's order comes from
+(seed, epoch) and each batch's augmentation generator is seeded from (seed, epoch, step), so a run
+resumed at (epoch, step) sees exactly the batches it would have seen. A background thread gathers,
+copies and augments the next batches while the training step runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from imgarena.data.augment import PRESETS, augment_batch
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SeedSequence mixes them so nearby steps get unrelated streams)."""
+    hi, lo = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32)
+    return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
+
+
+class BatchLoader:
+    """Iterate (x float32 (B, C, H, W) normalised, y int64 (B,)) on `device`.
+
+    shuffle: reshuffle every epoch (call set_epoch); drop_last: skip the last partial batch;
+    rank/world_size: this process's shard (every rank gets the same number of batches; the order is
+    padded by repeating samples when N is not divisible, as DistributedSampler does).
+    """
+
+    def __init__(self, split, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 device="cpu", augment: str = "none", mean=(0.5,), std=(0.5,), rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False, prefetch: int = 2):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if augment not in PRESETS:
+            raise ValueError(f"augment must be one of {', '.join(PRESETS)}, got {augment!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.images, self.labels = split.images, np.asarray(split.labels, np.int64)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), shuffle, int(seed), drop_last
+        self.device = torch.device(device)
+        self.augment, self.rank, self.world_size = augment, rank, world_size
+        self.channels_last, self.prefetch = channels_last, max(1, prefetch)
+        c = self.images.shape[1]
+        mean, std = list(mean), list(std)
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}")
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self._pin = self.device.type == "cuda"
+        self.epoch, self.start_step = 0, 0
+
+    # ---- order ----
+    def __len__(self) -> int:
+        n = self.samples_per_rank
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def samples_per_rank(self) -> int:
+        n, w = len(self.labels), self.world_size
+        return n // w if self.drop_last else -(-n // w)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Next iteration yields epoch `epoch`'s batches from batch index `start_step` on."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's sample order for `epoch`."""
+        n = len(self.labels)
+        epoch = self.epoch if epoch is None else epoch
+        order = (np.random.default_rng(_mix_seed(self.seed, epoch, 0x0DE5)).permutation(n) if self.shuffle
+                 else np.arange(n))
+        total = self.samples_per_rank * self.world_size
+        if total > n:  # pad by wrapping so every rank has as many samples
+            order = np.concatenate([order, np.resize(order, total - n)])
+        return order[:total][self.rank :: self.world_size]
+
+    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        idx = self.epoch_indices(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        # Sorted within the batch: memmap reads become sequential (matters when the cache is bigger
+        # than RAM) and the order inside a batch does not change what the model learns.
+        return np.sort(idx)
+
+    # ---- producing one batch ----
+    def _make(self, epoch: int, step: int, order: np.ndarray):
+        idx = np.sort(order[step * self.batch_size : (step + 1) * self.batch_size])
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        y = torch.from_numpy(self.labels[idx])
+        if self._pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
+        y = y.to(self.device, non_blocking=True)
+        if self.augment != "none":
+            gen = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, epoch, step, 0xA06))
+            x = augment_batch(x, self.augment, gen, fill=self.mean.view(-1), inplace=True)
+        x = x.sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start_step
+        self.start_step = 0  # a resume offset applies to one pass only
+        order = self.epoch_indices(epoch)
+        steps = range(start, len(self))
+        if self.prefetch <= 0 or len(steps) <= 1:
+            for s in steps:
+                yield self._make(epoch, s, order)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce():
+            try:
+                for s in steps:
+                    if stop.is_set():
+                        return
+                    item = self._make(epoch, s, order)
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                q.put(done)
+            except BaseException as e:  # handed to the consumer and re-raised there
+                q.put(e)
+
+        t = threading.Thread(target=produce, name="imgarena-batch-prefetch", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            t.join(timeout=5)
