@@ -1,0 +1,97 @@
+"""Predict with an exported `.onnx` and its JSON sidecar using only onnxruntime, numpy and Pillow.
+
+`imgarena predict model.onnx PATHS...` lands here before anything imports torch: a deployment box
+needs neither PyTorch nor a GPU build of it. The sidecar (`model.onnx.json`, written by
+`imgarena export`) carries the class names and the exact preprocessing. Everything but the model
+call is the shared pipeline in `imgarena.predict`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from imgarena.config import PredictConfig
+from imgarena.data.images import normalize
+from imgarena.errors import UserError
+from imgarena.evaluation.tta import parse_tta
+from imgarena.predict import (PredictionRow, check_options, class_names_of, expand_inputs, make_rows, path_decoder,
+                              predict_probs)
+
+
+def sidecar_path(model_path) -> Path:
+    """`model.onnx` -> `model.onnx.json` (a suffix of its own, so it never collides with a checkpoint's .json)."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".json")
+
+
+def read_sidecar(model_path) -> dict:
+    p = Path(model_path)
+    if not p.is_file():
+        raise UserError(f"{p} not found: pass a .onnx file written by `imgarena export`")
+    side = sidecar_path(p)
+    if not side.is_file():
+        raise UserError(f"{side} not found: keep the JSON written by `imgarena export` beside {p.name} "
+                        "(it holds the class names and preprocessing)")
+    try:
+        meta = json.loads(side.read_text())
+        pre = meta["preprocessing"]
+        _ = pre["img_size"], pre["channels"], pre["mean"], pre["std"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{side} is not an imgarena export sidecar ({e}): re-run `imgarena export`") from None
+    return meta
+
+
+def ort_session(model_path, device: str = "auto"):
+    """An ONNX Runtime session; honours OMP_NUM_THREADS so shared machines stay shared."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed: `pip install onnxruntime` to predict with .onnx files") from None
+    opts = ort.SessionOptions()
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError(f"device {device!r}: this onnxruntime has no CUDA provider; use --device cpu or onnxruntime-gpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise UserError(f"{model_path} is not a loadable ONNX model ({str(e).splitlines()[0]}): re-run `imgarena export`") from None
+
+
+def onnx_logits_fn(session, preprocessing: dict):
+    """uint8 (N, C, H, W) -> logits, normalized exactly as in training. A model exported without
+    --dynamic-batch takes one image per call."""
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    mean, std = preprocessing["mean"], preprocessing["std"]
+
+    def fn(u8: np.ndarray) -> np.ndarray:
+        x = normalize(u8, mean, std)
+        if fixed is None or fixed == len(x):
+            return session.run(None, {inp.name: x})[0]
+        if fixed != 1:
+            raise UserError(f"this ONNX model takes batches of exactly {fixed}: re-export with --dynamic-batch")
+        return np.concatenate([session.run(None, {inp.name: x[i:i + 1]})[0] for i in range(len(x))])
+
+    return fn
+
+
+def predict_onnx(cfg: PredictConfig, *, progress: bool = True) -> list[PredictionRow]:
+    check_options(cfg)
+    if parse_tta(cfg.tta) != "none":
+        raise UserError("--tta needs the PyTorch checkpoint: pass the run folder instead of the .onnx file")
+    meta = read_sidecar(cfg.checkpoint)
+    paths = expand_inputs(cfg.inputs)
+    fn = onnx_logits_fn(ort_session(cfg.checkpoint, cfg.device), meta["preprocessing"])
+    results = predict_probs(paths, path_decoder(meta["preprocessing"]), fn, batch_size=cfg.batch_size,
+                            workers=cfg.workers, progress=progress)
+    return make_rows(paths, results, class_names_of(meta), cfg.topk)
