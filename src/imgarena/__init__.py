@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load", "train", "compare"]
 
 
+
 def __getattr__(name):
     if name in ("load", "train", "compare"):
         from imgarena import api

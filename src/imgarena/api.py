@@ -239,7 +239,7 @@ def compare(data="sample", models=None, *, progress: bool = True, **options) -> 
     """Train several models under identical conditions and report; options are CompareConfig fields
     (epochs, time_budget, recipe, baseline, out ...), DataConfig fields, and any other TrainConfig
     field (lr=..., augment=...) which applies to every model."""
-    from imgarena.compare import run_compare
+    from imgarena.comparison import run_compare
     from imgarena.config import CompareConfig, TrainConfig, from_dict
 
     mine, data_opts, rest = _split_options(options, CompareConfig)

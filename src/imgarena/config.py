@@ -96,9 +96,9 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)  # architecture overrides, e.g. {depth: 3}
     pretrained: str | None = None  # "timm" or a path to timm-format weights
     epochs: int = 10
-    time_budget: float | None = None  # seconds of training; stops after the epoch that crosses it
+    time_budget: float | None = None  # seconds of training; stops mid-epoch when spent, then evaluates
     batch_size: int = 128
-    lr: float | None = None  # None: the optimizer's default scaled linearly by batch_size / 256
+    lr: float | None = None  # None: the optimizer's default scaled by batch_size * accum_steps / 256
     optimizer: str = "adamw"  # adamw | adam | sgd
     weight_decay: float | None = None  # None: 0.05 for adamw, 0 for adam, 5e-4 for sgd
     momentum: float = 0.9
@@ -127,3 +127,87 @@ class TrainConfig:
     name: str | None = None  # run folder name; default <model>-<timestamp>
     eval_batch_size: int = 256
     deterministic: bool = False
+    state_every: int = 200  # also save resumable state.pt every N optimizer steps (0: epoch ends only)
+    resume: bool = False  # continue out_dir/name from its state.pt (`imgarena train --resume runs/NAME`)
+
+
+@dataclass
+class BenchConfig:
+    """What `imgarena bench` measures: speed on random inputs, no data involved."""
+
+    models: list[str] = field(default_factory=lambda: ["mixer_t4", "vit_t4"])
+    img_size: int = 32
+    in_chans: int = 3
+    num_classes: int = 10
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    modes: list[str] = field(default_factory=lambda: ["train", "infer"])
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off
+    channels_last: bool = False
+    warmup: int = 3  # untimed calls before timing
+    repeats: int = 10  # timed calls; median, min and p95 are reported
+
+
+@dataclass
+class CompareConfig:
+    """Everything `imgarena compare` needs; saved as the compare folder's `compare.yaml`.
+
+    Every model gets the same data, split, seed, augmentation and budget; `imgarena.compare`
+    builds each model's TrainConfig from this one config.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    models: list[str] = field(default_factory=lambda: ["mixer_t4", "vit_t4"])
+    recipe: str = "same"  # same (one recipe for all) | recommended (each family's optimisation settings)
+    epochs: int | None = None  # None: 10, or as many as fit when time_budget is set
+    time_budget: float | None = None  # seconds of training per model
+    batch_size: int = 128
+    baseline: str | None = None  # speeds are also reported relative to this model
+    out: str | None = None  # the compare folder; None: runs/compare-<data source name>
+    seed: int = 0
+    device: str = "auto"
+    train: dict = field(default_factory=dict)  # TrainConfig options for every model, e.g. {lr: 0.001}
+    per_model: dict = field(default_factory=dict)  # {model: {TrainConfig options}} for one model only
+
+
+@dataclass
+class PredictConfig:
+    """What `imgarena predict` / `imgarena.load(...).predict` need."""
+
+    checkpoint: str = ""  # run folder, .safetensors checkpoint, or an exported .onnx
+    inputs: list[str] = field(default_factory=list)  # files, folders (recursive) and globs
+    topk: int = 3
+    tta: str = "none"  # none | flip | crop | flip-crop (imgarena.evaluation.tta)
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off
+    workers: int = 0  # decoding threads; 0 = min(8, cores)
+    which: str = "best"  # best | last checkpoint of a run folder
+
+
+@dataclass
+class ExportConfig:
+    """What `imgarena export` needs."""
+
+    checkpoint: str = ""  # run folder or .safetensors checkpoint
+    format: str = "onnx"  # onnx | torchscript
+    out: str | None = None  # None: <run>/export/<model>.onnx (or .pt)
+    dynamic_batch: bool = False
+    opset: int = 17
+    check_images: list[str] = field(default_factory=list)  # parity images; default: the run's own
+    which: str = "best"
+
+
+@dataclass
+class EvalConfig:
+    """What `imgarena eval` needs. Image size, channels, resize, mean and std come from the checkpoint."""
+
+    checkpoint: str = ""  # run folder or .safetensors checkpoint
+    data: DataConfig = field(default_factory=DataConfig)  # source (+ cache_dir, workers) of the images to score
+    which: str = "best"  # best | last checkpoint of a run folder
+    split: str = "auto"  # auto (test when the data has one, else every image) | test | val | train | all
+    batch_size: int = 256
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off
+    tta: str = "none"  # none | flip | crop | flip-crop (imgarena.evaluation.tta)
+    out: str | None = None  # also write eval.json, per_class.csv, confusion_matrix.png, errors.png here

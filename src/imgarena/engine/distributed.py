@@ -1,0 +1,135 @@
+"""Multi-process training under `torchrun`: environment detection, process group, metric reduction.
+
+`torchrun --nproc_per_node=N -m imgarena train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without
+them everything here degrades to a single process and costs nothing. Backend: NCCL on CUDA, gloo on
+CPU. Only rank 0 writes files (`DistInfo.is_main`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from imgarena.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this rank's CUDA device when available, else CPU; 'cuda' under torchrun -> cuda:LOCAL_RANK."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; pick a lower index")
+        return dev
+    if name in ("cpu", "mps"):
+        return torch.device(name)
+    raise UserError(f"--device {name!r} not understood: use auto, cpu, cuda or cuda:N")
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        owns = True
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, owns_group=owns)
+
+
+def cleanup(info: DistInfo) -> None:
+    import torch.distributed as dist
+
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    import torch.distributed as dist
+
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sums(info: DistInfo, values: dict[str, float]) -> dict[str, float]:
+    """Sum each value across ranks (float64 on the backend's device); identity in one process."""
+    if not info.enabled or not values:
+        return dict(values)
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def any_rank(info: DistInfo, flag: bool) -> bool:
+    """True on every rank when `flag` is true on some rank (e.g. the time budget ran out)."""
+    if not info.enabled:
+        return bool(flag)
+    return all_reduce_sums(info, {"flag": 1.0 if flag else 0.0})["flag"] > 0
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's `obj` on every rank (e.g. the run folder name)."""
+    if not info.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_ddp(model, info: DistInfo):
+    """DistributedDataParallel around `model` when world_size > 1; the model itself otherwise."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def sync_buffers(model, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running stats) to every rank before evaluating, so each
+    rank's shard is scored by exactly the model rank 0 saves."""
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b.data, src=0)

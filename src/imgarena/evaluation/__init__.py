@@ -1,0 +1,1 @@
+"""Evaluation helpers shared by training, eval, compare and predict: metrics, plots, test-time augmentation."""

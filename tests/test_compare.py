@@ -1,0 +1,221 @@
+"""`imgarena compare` end to end: real PNG folder, real training engine, real report files.
+
+One compare of four entries runs once for the module: mixer_s4 with a bad architecture option
+(fails, and comes first so we see the others go on), then three tiny models that train.
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from _data_files import write_class_folder
+
+from imgarena.checkpoint import load_model
+from imgarena.cli import main
+from imgarena.models.flops import count_params
+
+MODELS = ["mixer_s4", "mlp", "mixer_t4", "mlp_deep"]
+OK = ["mlp", "mixer_t4", "mlp_deep"]
+
+
+def compare_args(folder, out, *extra):
+    return ["compare", str(folder), "--models", ",".join(MODELS), "--epochs", "2", "--batch-size", "8",
+            "--val-fraction", "0.25", "--baseline", "mlp", "--device", "cpu", "--out", str(out), "--quiet",
+            "--set", "mixer_s4:model_kwargs={bogus_option: 1}", *extra]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    folder = write_class_folder(root / "imgs", per_class=12, size=16, mode="RGB")
+    out = root / "cmp"
+    rc = main(compare_args(folder, out))
+    results = json.loads((out / "results.json").read_text())
+    return folder, out, rc, results
+
+
+def _rec(results, model):
+    return next(r for r in results["models"] if r["model"] == model)
+
+
+def _history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_writes_every_file_with_one_row_per_model(compared):
+    _, out, rc, results = compared
+    assert rc == 1  # one model failed; the command still finished
+    for name in ("report.html", "report.md", "results.csv", "results.json", "compare.yaml",
+                 "figures/curves.png", "figures/acc_vs_time.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert [r["model"] for r in results["models"]] == MODELS
+    assert results["state"] == "complete with failures"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == MODELS
+    assert [r["status"] for r in rows] == ["failed", "ok", "ok", "ok"]
+    md = (out / "report.md").read_text()
+    for m in MODELS:
+        assert f"| {m} |" in md
+    html = (out / "report.html").read_text()
+    assert html.count("<tr class=") == len(MODELS)
+    # 2 compare figures + one confusion matrix per trained model, all inline
+    assert html.count('src="data:image/png;base64,') == 2 + len(OK)
+    for m in OK:
+        run = out / _rec(results, m)["run_dir"]
+        for name in ("summary.json", "metrics.jsonl", "best.safetensors", "confusion_matrix.png", "config.yaml"):
+            assert (run / name).is_file(), (m, name)
+
+
+def test_failing_model_is_recorded_and_the_others_go_on(compared):
+    _, out, _, results = compared
+    bad = _rec(results, "mixer_s4")
+    assert bad["status"] == "failed" and "bogus_option" in bad["reason"]
+    assert bad["best_val_acc"] is None and bad["run_dir"] is None
+    assert all(_rec(results, m)["status"] == "ok" for m in OK)
+    assert "failed: mixer_s4" in results["headline"]
+
+
+def test_records_match_the_runs_and_are_measured(compared):
+    _, out, _, results = compared
+    for m in OK:
+        r = _rec(results, m)
+        run = out / r["run_dir"]
+        hist = _history(run)
+        accs = [h["val_acc"] for h in hist]
+        assert r["epochs"] == len(hist) == 2
+        assert r["best_val_acc"] == max(accs) and r["final_val_acc"] == accs[-1]
+        assert accs[r["best_epoch"] - 1] == r["best_val_acc"]
+        assert r["best_val_top5"] is None  # 3 classes: top-5 does not apply
+        assert r["train_time_s"] == pytest.approx(hist[-1]["wall_time"])
+        assert r["train_img_s"] > 0 and r["time_per_epoch_s"] > 0 and r["infer_img_s"] > 0
+        assert 0 < r["latency_p50_ms"] <= r["latency_p95_ms"]
+        model, meta = load_model(run)
+        assert r["params"] == count_params(model) and r["flops"] > 0
+        assert r["peak_mem_mb"] * 2**20 >= r["params"] * 4
+    speeds = {m: _rec(results, m)["speed_vs_fastest"] for m in OK}
+    assert max(speeds.values()) == pytest.approx(1.0)
+    assert _rec(results, "mlp")["speed_vs_baseline"] == pytest.approx(1.0)
+    mixer = _rec(results, "mixer_t4")
+    assert mixer["speed_vs_baseline"] == pytest.approx(mixer["train_img_s"] / _rec(results, "mlp")["train_img_s"])
+    assert "than mlp" in results["headline"]
+
+
+def test_every_model_saw_the_same_split_and_conditions(compared):
+    import yaml
+
+    _, out, _, results = compared
+    runs = [out / _rec(results, m)["run_dir"] for m in OK]
+    splits = [(r / "split.json").read_text() for r in runs]
+    assert splits[0] == splits[1] == splits[2]
+    cfgs = [yaml.safe_load((r / "config.yaml").read_text()) for r in runs]
+    for key in ("data", "seed", "batch_size", "epochs", "augment", "optimizer", "lr", "schedule"):
+        assert cfgs[0][key] == cfgs[1][key] == cfgs[2][key], key
+    assert [c["model"] for c in cfgs] == OK
+
+
+def test_rerun_skips_finished_models_and_retrains_a_changed_one(compared, tmp_path, capsys):
+    folder, out, _, _ = compared
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)  # records hold relative run folders, so a copied compare folder resumes
+    before = {p: p.stat().st_mtime_ns for p in copy.glob("*/summary.json")}
+    assert len(before) == len(OK)
+    old_mlp_run = _rec(json.loads((copy / "results.json").read_text()), "mlp")["run_dir"]
+    capsys.readouterr()
+    assert main(compare_args(folder, copy)) == 1
+    text = capsys.readouterr().out
+    for m in OK:
+        assert f"{m}: already finished" in text
+    assert "mixer_s4: training" in text  # failures are retried
+    assert {p: p.stat().st_mtime_ns for p in copy.glob("*/summary.json")} == before
+    # a changed option for one model retrains only that model
+    assert main(compare_args(folder, copy, "--set", "mlp:lr=0.01")) == 1
+    text = capsys.readouterr().out
+    assert "mlp: training" in text and "mixer_t4: already finished" in text and "mlp_deep: already finished" in text
+    results = json.loads((copy / "results.json").read_text())
+    assert _rec(results, "mlp")["status"] == "ok"
+    assert _rec(results, "mlp")["run_dir"] != old_mlp_run  # keyed on the resolved config
+
+
+def test_user_mistakes_stop_before_training(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    out = tmp_path / "cmp"
+    assert main(["compare", str(folder), "--models", "mlp,mixer_t4", "--set", "bogus_key=1", "--out", str(out)]) == 2
+    assert "bogus_key" in capsys.readouterr().err
+    assert main(["compare", str(folder), "--models", "mlp,mixer_t4", "--baseline", "vit_t4", "--out", str(out)]) == 2
+    assert "--baseline" in capsys.readouterr().err
+    assert main(["compare", str(folder), "--models", "mlp,mlpp", "--out", str(out)]) == 2
+    assert "mlpp" in capsys.readouterr().err
+    assert not (out / "records").exists()
+
+
+def test_ctrl_c_leaves_a_valid_partial_report_and_a_rerun_resumes(tmp_path, capsys):
+    folder = write_class_folder(tmp_path / "imgs", classes=("a", "b"), per_class=10, size=8)
+    out = tmp_path / "cmp"
+    args = ["compare", str(folder), "--models", "mlp,mixer_t4", "--epochs", "1", "--batch-size", "4",
+            "--val-fraction", "0.3", "--device", "cpu", "--out", str(out), "--quiet", "--set", "mixer_t4:epochs=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "imgarena", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    started = False
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = _rec(json.loads((out / "results.json").read_text()), "mlp")["status"] == "ok"
+        except (OSError, ValueError, StopIteration):
+            done = False
+        # Ctrl-C once mlp is reported and mixer_t4 has saved its resumable state after an epoch
+        if done and any(out.glob("mixer_t4-*/state.pt")):
+            started = True
+            break
+        time.sleep(0.05)
+    assert started, proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["state"] == "interrupted"
+    assert [r["status"] for r in results["models"]] == ["ok", "interrupted"]
+    html = (out / "report.html").read_text()
+    assert "Partial report" in html and html.count("<tr class=") == 2
+    run = next(out.glob("mixer_t4-*"))
+    first_rows = _history(run)
+    assert 1 <= len(first_rows) < 10
+
+    capsys.readouterr()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "mlp: already finished" in text and "mixer_t4: resuming" in text
+    rows = _history(run)
+    # continued, not restarted: epoch 1 (in the saved state) is kept as it was
+    assert len(rows) == 10 and rows[0] == first_rows[0] and [r["epoch"] for r in rows] == list(range(1, 11))
+    results = json.loads((out / "results.json").read_text())
+    assert results["state"] == "complete" and _rec(results, "mixer_t4")["epochs"] == 10
+
+
+def test_recommended_recipe_changes_optimisation_but_not_the_conditions():
+    from imgarena.comparison import model_train_config, recipe_overrides
+    from imgarena.config import CompareConfig
+
+    cfg = CompareConfig(models=["mlp", "mixer_t4"], recipe="recommended", epochs=3, batch_size=32,
+                        train={"augment": "standard", "weight_decay": 0.01})
+    tcs = {m: model_train_config(cfg, m, recipe_overrides(cfg, m)) for m in cfg.models}
+    assert (tcs["mlp"].optimizer, tcs["mixer_t4"].optimizer) == ("adam", "adamw")  # the families' recipes differ
+    for tc in tcs.values():
+        # held equal whatever the recipe says; the user's shared options win over the recipe
+        assert (tc.epochs, tc.batch_size, tc.augment, tc.seed, tc.weight_decay) == (3, 32, "standard", 0, 0.01)
+    same = CompareConfig(models=["mlp", "mixer_t4"], recipe="same")
+    assert {model_train_config(same, m, recipe_overrides(same, m)).optimizer for m in same.models} == {"adamw"}
+
+
+def test_report_module_needs_neither_torch_nor_the_engine():
+    code = ("import sys, imgarena.report; bad = [m for m in sys.modules if m == 'torch' or m.startswith('imgarena.engine')];"
+            " assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
