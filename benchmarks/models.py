@@ -2,6 +2,7 @@
 
     python benchmarks/models.py            # full: every family, small images + 224 px (the lead runs this)
     python benchmarks/models.py --quick    # smaller batches, fewer repeats, 224 px for Mixer only
+    python benchmarks/models.py --quick --threads 1 --clock cpu   # on a machine shared with other jobs
 
 For every model family in the registry, one small-image config (32 px) and one 224 px config are
 built twice: ours (`create_model`) and timm's model of the same config (same parameter count,
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small batches, 3 repeats, 224 px for Mixer only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 7; quick 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 5; quick 3)")
     ap.add_argument("--only", default=None, help="comma-separated families to run (default: all)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 5)
     iters = 2 if args.quick else 3
     todo = [c for c in cases(args.quick) if not args.only or c["family"] in args.only.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {repeats} interleaved "

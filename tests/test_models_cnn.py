@@ -12,7 +12,7 @@ from torch import nn
 
 import timm
 from imgarena.errors import UserError
-from imgarena.models import _fused, create_model, get_entry, list_models
+from imgarena.models import _fastpaths, create_model, get_entry, list_models
 from imgarena.models.convert import ours_to_timm, timm_to_ours
 
 FAMILIES = ("convnext", "resnet", "mobilenet")
@@ -276,22 +276,72 @@ def test_bad_options_fail_with_a_message():
         model(torch.randn(1, 3, 16, 16))
 
 
-# --- CPU inference fast path (_fused.py) -----------------------------------------------------------
+# --- CPU fast paths (_fastpaths.py) -------------------------------------------------------------------
 
-needs_onednn = pytest.mark.skipif(not _fused._AVAILABLE, reason="this torch build has no oneDNN fused ops")
+needs_onednn = pytest.mark.skipif(not _fastpaths._AVAILABLE, reason="this torch build has no oneDNN fused ops")
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(k=3, s=1, p=1, hw=(1, 1)),  # ResNet stage 4 at 32 px: only the centre tap sees the pixel
+    dict(k=3, s=2, p=1, hw=(2, 2)),  # the stride-2 conv into it: 2x2 taps of 3x3
+    dict(k=1, s=2, p=0, hw=(2, 2)),  # the projection shortcut
+    dict(k=3, s=1, p=1, hw=(1, 1), groups=True),  # MobileNet depthwise on a 1x1 map
+    dict(k=3, s=2, p=1, hw=(2, 3), groups=True),
+    dict(k=3, s=1, p=1, hw=(3, 3)),  # output 3x3: the plain conv
+])
+def test_small_map_conv_matches_nn_conv2d(cfg):
+    from imgarena.models._fastpaths import SmallMapConv2d
+
+    torch.manual_seed(0)
+    cin, cout = (8, 8) if cfg.get("groups") else (6, 5)
+    conv = SmallMapConv2d(cin, cout, cfg["k"], stride=cfg["s"], padding=cfg["p"], groups=cin if cfg.get("groups") else 1)
+    x = torch.randn(3, cin, *cfg["hw"]).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ours = conv(x)
+    ours.square().sum().backward()
+    got = [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+    x.grad = None
+    conv.zero_grad()
+    ref = nn.Conv2d.forward(conv, x)
+    ref.square().sum().backward()
+    assert ours.shape == ref.shape and (ours - ref).abs().max().item() <= 1e-5
+    for a, e in zip(got, (x.grad, conv.weight.grad, conv.bias.grad)):
+        assert (a - e).abs().max().item() <= 1e-5 * max(1.0, e.abs().max().item())
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))),  # 32 px: 8, 4, 2, 1 (cropped kernels)
+    ("resnet18", dict(widths=(8, 16, 32, 64), stem_width=8)),  # 32 px: stage 4 is 1x1 (SmallMapConv2d)
+    ("mobilenetv2", dict(width=0.25)),
+])
+def test_onnx_export_of_tiny_maps_matches(name, overrides, tmp_path):
+    """The small-map shortcuts step aside while tracing: ONNX gets plain convs and the same logits."""
+    import warnings
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, **overrides).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})  # as `imgarena export` does
+        expected = model(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x.numpy()})[0]
+    assert abs(got - expected).max() <= 1e-4
 
 
 @needs_onednn
 def test_fast_path_only_when_allowed():
     x = torch.zeros(1, 3, 4, 4)
     with torch.no_grad():
-        assert _fused.fast_path_ok(x)
-        assert not _fused.fast_path_ok(x.double())
+        assert _fastpaths.fast_path_ok(x)
+        assert not _fastpaths.fast_path_ok(x.double())
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False):
-            assert not _fused.fast_path_ok(x)  # FLOP counting sees the reference ops
-    assert not _fused.fast_path_ok(x)  # autograd on
+            assert not _fastpaths.fast_path_ok(x)  # FLOP counting sees the reference ops
+    assert not _fastpaths.fast_path_ok(x)  # autograd on
 
 
 @needs_onednn

@@ -116,6 +116,9 @@ class BatchLoader:
         done = object()
 
         def produce():
+            # One intra-op thread here: the training step owns the cores, and two OpenMP teams
+            # spinning on the same cores slowed loading ~40x on a 2-core machine. Per-thread setting.
+            torch.set_num_threads(1)
             try:
                 for s in steps:
                     if stop.is_set():

@@ -2,7 +2,14 @@
 
 DropPath (stochastic depth), Mlp (Linear-act-Linear), PatchEmbed (non-overlapping patches via a
 strided conv whose weight is `proj.weight`), LayerNorm2d (LayerNorm over channels of NCHW maps),
-and `trunc_normal_` (the ViT/Mixer init). Keeping timm's names lets `convert.py` stay tiny.
+`trunc_normal_` / `init_linears_` (the ViT/Mixer init) and `split_heads` (fused qkv -> q, k, v).
+Keeping timm's names lets `convert.py` stay tiny.
+
+Speed helpers (same values as the plain ops, checked by the tests):
+  linear_residual   shortcut + Linear(x) with the add folded into the GEMM (addmm, beta=1)
+  fused_cpu_inference / linear   oneDNN's fused linear(+GELU)(+add) kernels (`_fastpaths.py`) for
+                    no-grad fp32 CPU inference; never under autocast, tracing or torch.compile
+  plain_ops()       a context that switches all of this off (module calls everywhere)
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from imgarena.models._fastpaths import fast_path_ok, linear_add, linear_gelu
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float = 0.02, mean: float = 0.0) -> torch.Tensor:
@@ -64,14 +73,6 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
-def _onednn_linear_available() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.default)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_LINEAR = _onednn_linear_available()
 _PLAIN = [False]
 
 
@@ -99,12 +100,10 @@ def fold_residuals(x: torch.Tensor) -> bool:
 
 def fused_cpu_inference(x: torch.Tensor, module: nn.Module) -> bool:
     """True when `module` may run on oneDNN's fused CPU linear kernels (bias, GELU and the residual add
-    done inside the GEMM, one memory pass saved per op): a float32 CPU forward with autograd off and
-    the module in eval mode, outside tracing/compilation (ONNX export and torch.compile see the
-    plain ops, which compute the same function)."""
-    return (_ONEDNN_LINEAR and not _PLAIN[-1] and not module.training and not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+    done inside the GEMM, one memory pass saved per op): `_fastpaths.fast_path_ok` (fp32 CPU, autograd
+    off, no autocast/tracing/compiling/dispatch mode, so ONNX export and FLOP counting see the plain
+    ops, which compute the same function) and the module in eval mode."""
+    return not _PLAIN[-1] and not module.training and fast_path_ok(x)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, fused: bool) -> torch.Tensor:
@@ -123,7 +122,7 @@ def linear_residual(x: torch.Tensor, layer: nn.Linear, shortcut: torch.Tensor, f
     Under autocast (see `fold_residuals`) the plain form is kept.
     """
     if fused:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, shortcut, layer.weight, layer.bias, "add")
+        return linear_add(x, shortcut, layer.weight, layer.bias)
     if not fold_residuals(x) or layer.bias is None or not (x.dtype == shortcut.dtype == layer.weight.dtype):
         return shortcut + layer(x)
     out = torch.addmm(shortcut.reshape(-1, shortcut.shape[-1]), x.reshape(-1, x.shape[-1]), layer.weight.t())
@@ -154,8 +153,7 @@ class Mlp(nn.Module):
 
     def forward_residual(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         if fused_cpu_inference(x, self) and type(self.act) is nn.GELU and self.act.approximate == "none":
-            h = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
-            return linear_residual(h, self.fc2, shortcut, fused=True)
+            return linear_residual(linear_gelu(x, self.fc1.weight, self.fc1.bias), self.fc2, shortcut, fused=True)
         if self.training and self.drop2.p > 0:
             return shortcut + self(x)
         return linear_residual(self.drop1(self.act(self.fc1(x))), self.fc2, shortcut)

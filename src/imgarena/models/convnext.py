@@ -21,7 +21,7 @@ channels-last NCHW view (no copy), and LayerNorm / Linear run on it directly. Th
 downsampling convs (kernel == stride) are computed as one matmul over patches, faster here than the
 strided convolution. Two more CPU speed-ups, each checked against the plain computation in the
 tests: the depthwise conv's weight gradient is computed as a depthwise convolution
-(`_DepthwiseConvFn`), and inference runs each block's MLP as two fused oneDNN matmuls (`_fused.py`).
+(`_DepthwiseConvFn`), and inference runs each block's MLP as two fused oneDNN matmuls (`_fastpaths.py`).
 Parameter names and shapes are timm's, so `convert.py` only renames the head.
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from imgarena.errors import UserError
 from imgarena.models._base import ClassifierMixin
-from imgarena.models._fused import fast_path_ok, linear_add, linear_gelu
+from imgarena.models._fastpaths import fast_path_ok, linear_add, linear_gelu
 from imgarena.models._layers import DropPath, Mlp, trunc_normal_
 from imgarena.models._registry import register_family
 
@@ -113,6 +113,8 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+            return super().forward(x)  # export / compile: the plain conv, one static graph
         H, W = x.shape[-2:]
         p = self.padding[0]
         weight, bias = self.weight, self.bias
@@ -121,10 +123,9 @@ class DepthwiseConv2d(nn.Conv2d):
         ph, pw = min(p, H - 1), min(p, W - 1)
         if (ph, pw) != (p, p):
             weight = weight[:, :, p - ph:p + ph + 1, p - pw:p + pw + 1]
-        if (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-                and type(x) is torch.Tensor and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+        if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _DepthwiseConvFn.apply(x, weight, bias, (ph, pw))
-        return F.conv2d(x, weight, bias, padding=(ph, pw), groups=self.groups)  # CUDA, inference, export
+        return F.conv2d(x, weight, bias, padding=(ph, pw), groups=self.groups)  # CUDA, inference
 
 
 class PointwiseMlp(Mlp):

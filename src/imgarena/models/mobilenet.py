@@ -15,8 +15,9 @@ The width multiplier alpha scales every layer's width, rounded to a multiple of 
 more than 10%), like the reference TensorFlow code and timm. Activations are ReLU6 in both, as in
 the TensorFlow reference implementation of V1 (the V1 paper writes ReLU). `stem_stride=1` keeps a
 32 px image at 32x32 in the first stage (mobilenetv2_cifar). Depthwise convs are much faster in
-channels-last memory on CPU, so the trunk runs channels-last; CPU inference folds BN into the convs
-and fuses ReLU6 and the residual add (`_fused.py`). Module names follow timm's
+channels-last memory on CPU, so the trunk runs channels-last; on CPU, inference folds BN into the
+convs and fuses ReLU6 and the residual add, and convs with a 1x1 output run as one matmul
+(`_fastpaths.py`). Module names follow timm's
 EfficientNet class (conv_stem, bn1, blocks.i.j.conv_dw, ..., conv_head, bn2); only timm's
 `classifier` is renamed to our `head`.
 """
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from imgarena.models._base import ClassifierMixin
-from imgarena.models._fused import conv_bn_act, fast_path_ok
+from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
 from imgarena.models._layers import DropPath
 from imgarena.models._registry import register_family
 
@@ -46,10 +47,10 @@ class DepthwiseSeparableConv(nn.Module):
     def __init__(self, in_chans: int, out_chans: int, stride: int = 1, pw_act: bool = True,
                  skip: bool = False, drop_path: float = 0.0):
         super().__init__()
-        self.conv_dw = nn.Conv2d(in_chans, in_chans, 3, stride=stride, padding=1, groups=in_chans, bias=False)
+        self.conv_dw = SmallMapConv2d(in_chans, in_chans, 3, stride=stride, padding=1, groups=in_chans, bias=False)
         self.bn1 = nn.BatchNorm2d(in_chans)
         self.act1 = nn.ReLU6(inplace=True)
-        self.conv_pw = nn.Conv2d(in_chans, out_chans, 1, bias=False)
+        self.conv_pw = SmallMapConv2d(in_chans, out_chans, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chans)
         self.act2 = nn.ReLU6(inplace=True) if pw_act else nn.Identity()
         self.pw_act = "relu6" if pw_act else "none"
@@ -72,13 +73,13 @@ class InvertedResidual(nn.Module):
                  drop_path: float = 0.0):
         super().__init__()
         mid = make_divisible(in_chans * expand_ratio)
-        self.conv_pw = nn.Conv2d(in_chans, mid, 1, bias=False)
+        self.conv_pw = SmallMapConv2d(in_chans, mid, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
         self.act1 = nn.ReLU6(inplace=True)
-        self.conv_dw = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False)
+        self.conv_dw = SmallMapConv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
         self.act2 = nn.ReLU6(inplace=True)
-        self.conv_pwl = nn.Conv2d(mid, out_chans, 1, bias=False)
+        self.conv_pwl = SmallMapConv2d(mid, out_chans, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chans)  # linear bottleneck: no activation
         self.has_skip = stride == 1 and in_chans == out_chans
         self.drop_path = DropPath(drop_path) if drop_path > 0 and self.has_skip else nn.Identity()
@@ -117,7 +118,7 @@ class MobileNet(ClassifierMixin, nn.Module):
         self.version, self.width = version, width
 
         stem = make_divisible(32 * width)
-        self.conv_stem = nn.Conv2d(in_chans, stem, 3, stride=stem_stride, padding=1, bias=False)
+        self.conv_stem = SmallMapConv2d(in_chans, stem, 3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.act1 = nn.ReLU6(inplace=True)
 
@@ -141,7 +142,7 @@ class MobileNet(ClassifierMixin, nn.Module):
 
         if version == 2:  # final 1x1 conv to 1280 (scaled up, never down, by the width multiplier)
             self.num_features = max(1280, make_divisible(1280 * width))
-            self.conv_head = nn.Conv2d(chans, self.num_features, 1, bias=False)
+            self.conv_head = SmallMapConv2d(chans, self.num_features, 1, bias=False)
             self.bn2 = nn.BatchNorm2d(self.num_features)
             self.act2 = nn.ReLU6(inplace=True)
         else:

@@ -16,8 +16,9 @@ one 3x3 stride-1 conv and no max-pool, so a 32 px image keeps 32x32 maps in stag
 
 The last BN of each residual branch starts at zero (`zero_init_last`, Goyal et al. 2017), so every
 block starts as the identity. Activations run in channels-last memory: convolutions and batch norm
-are faster that way on CPU (oneDNN) and on tensor-core GPUs. CPU inference folds BN into the convs
-and fuses ReLU and the residual add (`_fused.py`). Parameter names are timm's; only the
+are faster that way on CPU (oneDNN) and on tensor-core GPUs. On CPU, inference folds BN into the
+convs and fuses ReLU and the residual add, and convs with a 1x1 output (stage 4 at 28-32 px) run as
+one matmul (`_fastpaths.py`). Parameter names are timm's; only the
 classifier is renamed (timm `fc` -> our `head`).
 """
 
@@ -27,14 +28,15 @@ import torch
 from torch import nn
 
 from imgarena.models._base import ClassifierMixin
-from imgarena.models._fused import conv_bn_act, fast_path_ok
+from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
 from imgarena.models._layers import DropPath
 from imgarena.models._registry import register_family
 
 
 def conv_bn(in_chans: int, out_chans: int, stride: int) -> nn.Sequential:
     """The projection shortcut: 1x1 conv (strided) + BN, timm's `downsample.0` / `downsample.1`."""
-    return nn.Sequential(nn.Conv2d(in_chans, out_chans, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chans))
+    conv = SmallMapConv2d(in_chans, out_chans, 1, stride=stride, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_chans))
 
 
 class BasicBlock(nn.Module):
@@ -44,10 +46,10 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_chans: int, planes: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, planes, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = SmallMapConv2d(in_chans, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.conv2 = SmallMapConv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.act2 = nn.ReLU(inplace=True)
         out = planes * self.expansion
@@ -75,13 +77,13 @@ class Bottleneck(nn.Module):
     def __init__(self, in_chans: int, planes: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
         out = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_chans, planes, 1, bias=False)
+        self.conv1 = SmallMapConv2d(in_chans, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = SmallMapConv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.act2 = nn.ReLU(inplace=True)
-        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.conv3 = SmallMapConv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = conv_bn(in_chans, out, stride) if stride != 1 or in_chans != out else None
@@ -124,9 +126,9 @@ class ResNet(ClassifierMixin, nn.Module):
         self.num_classes, self.in_chans = num_classes, in_chans
         self.img_size = img_size or self.default_img_size
         if stem == "small":
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+            self.conv1 = SmallMapConv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+            self.conv1 = SmallMapConv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()

@@ -52,7 +52,9 @@ def _trace(model: nn.Module, input_shape, batch: int) -> list[tuple[str, nn.Modu
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), plain_ops():  # module calls everywhere: no fused kernels hide layers
+        # Module calls everywhere: plain ops (and autograd on, which also turns off the ConvNets'
+        # fused inference kernels), so no fused kernel hides a layer.
+        with torch.enable_grad(), plain_ops():
             model(x)
     finally:
         model.train(was_training)

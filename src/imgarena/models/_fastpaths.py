@@ -1,20 +1,26 @@
-"""CPU inference fast paths for the ConvNet families: oneDNN's fused kernels.
+"""CPU fast paths shared by the ConvNet families (ResNet, MobileNet, ConvNeXt).
 
-In eval-mode inference a conv + BatchNorm + ReLU is one convolution with folded weights and the
-activation (and a residual add) applied in its epilogue; a Linear + GELU, or a Linear + residual add,
-is one matmul with an epilogue. These are the kernels torch.compile's CPU backend emits
-(`torch.ops.mkldnn._convolution_pointwise` / `_linear_pointwise`); calling them directly saves the
-separate BN, activation, bias and add passes over the activations without a compile step.
+1. Fused inference kernels. In eval-mode inference a conv + BatchNorm + ReLU is one convolution with
+   folded weights and the activation (and a residual add) applied in its epilogue; a Linear + GELU,
+   or a Linear + residual add, is one matmul with an epilogue. These are the kernels torch.compile's
+   CPU backend emits (`torch.ops.mkldnn._convolution_pointwise` / `_linear_pointwise`); calling them
+   directly saves the separate BN, activation, bias and add passes without a compile step. Every
+   model keeps its plain reference forward, which is what autograd, CUDA, bf16/autocast, tracing,
+   ONNX export and FLOP counting see: `fast_path_ok(x)` admits only plain fp32 CPU tensors with
+   autograd off and no tracing, compiling or dispatch mode active.
 
-Every model keeps its plain reference forward, which is what autograd, CUDA, bf16/autocast, tracing,
-ONNX export and FLOP counting see: `fast_path_ok(x)` admits only plain fp32 CPU tensors with
-autograd off and no tracing, compiling or dispatch mode active. Both paths give the same result up to
-fp32 rounding (tests compare them).
+2. `SmallMapConv2d`: on 28-32 px inputs the last stage's maps are 1x1, where a conv is a small
+   matrix product over the few input pixels its window covers, but oneDNN still reorders the whole
+   (mostly padding-facing) kernel on every call, forward and backward. Computing it as that matrix
+   product is the same math (the dropped taps only ever multiply zero padding; their gradient is 0).
+
+Both give the same results as the plain ops up to fp32 rounding (tests compare them).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -90,3 +96,28 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
 def linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """residual + x @ weight.T + bias for 2-D x as one oneDNN matmul."""
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and keys) that computes a conv with a 1x1 output map as one matmul
+    (groups=1) or a per-channel dot product (depthwise) over the input window it covers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.padding, str) or self.dilation != (1, 1) or self.padding_mode != "zeros" or \
+                self.groups not in (1, self.in_channels) or torch.jit.is_tracing():
+            return super().forward(x)  # (and export: one static graph of plain convs)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        H, W = x.shape[-2:]
+        if (H + 2 * ph - kh) // sh != 0 or (W + 2 * pw - kw) // sw != 0:
+            return super().forward(x)  # the output is larger than 1x1
+        # The one output sees input rows -ph .. kh-1-ph; keep the real ones and their kernel taps.
+        r0, r1, c0, c1 = max(0, -ph), min(H, kh - ph), max(0, -pw), min(W, kw - pw)
+        xw = x[:, :, r0:r1, c0:c1]  # (B, C_in, h, w)
+        w = self.weight[:, :, r0 + ph:r1 + ph, c0 + pw:c1 + pw]  # (C_out, C_in / groups, h, w)
+        if self.groups == 1:
+            y = F.linear(xw.flatten(1), w.flatten(1), self.bias)  # (C, h, w) order on both sides
+        else:  # depthwise (and channel multipliers): out channel o reads input channel o // mult
+            mult = self.out_channels // self.in_channels
+            y = (xw.repeat_interleave(mult, dim=1) if mult > 1 else xw).mul(w[:, 0]).sum((2, 3))
+            y = y if self.bias is None else y + self.bias
+        return y[:, :, None, None]  # (B, C_out, 1, 1)
