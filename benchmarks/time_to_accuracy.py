@@ -11,8 +11,9 @@ ends (and at the budget's end), and the accuracy at the end.
 
 Each model is trained once per budget in --budgets (default 300 and 600 s, the two goals below). A
 time budget makes the recipe's cosine schedule anneal to zero exactly when the budget is spent (see
-`imgarena.engine.optim.Schedule`), so each run is the recipe as
-`imgarena train fashion-mnist --model M --recipe recommended --time-budget 5m` trains it.
+`imgarena.engine.optim.Schedule`), so each run is what
+`imgarena train fashion-mnist --model M --recipe recommended --augment none --time-budget 5m` trains
+(no augmentation: a few epochs of Fashion-MNIST underfit; --augment changes it).
 
 Goals (issue #4): some recipe reaches 92% within 5 minutes; MLP-Mixer and ViT reach 90% within 10.
 For reference, the issue quotes the seeds' way (torchvision ImageFolder + Albumentations +
@@ -70,9 +71,9 @@ def run_one(model: str, budget: float, data, args, out: Path) -> dict:
     recipe = recommended_recipe(model)
     name = f"{model}-{budget:g}s"
     cfg = TrainConfig(**{**recipe, "data": DataConfig(source="fashion-mnist"), "model": model, "seed": 0,
-                         "time_budget": budget, "state_every": 0, "out_dir": str(out), "name": name,
-                         "compile": args.compile})
-    # The budget ends every run: epochs only bound it (the recipe's count, or what --epochs says).
+                         "time_budget": budget, "augment": args.augment, "state_every": 0, "out_dir": str(out),
+                         "name": name, "compile": args.compile})
+    # The budget ends every run; --epochs (default 10) only bounds it for the fast models.
     cfg.epochs = args.epochs or cfg.epochs
     t = time.perf_counter()
     summary = run_training(cfg, data=data, progress=not args.quiet)
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
     p.add_argument("--budgets", default=None, help="seconds of training per run, comma-separated (default 300,600)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's; the budget may end it first)")
+    p.add_argument("--augment", default="none", help="augmentation preset for every run (default none)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time counts)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--out", default=None, help="keep run folders here (default: a temporary folder)")
@@ -124,11 +126,12 @@ def main() -> None:
             results.append(run_one(m, budget, data, args, out))
             (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    print("\n| model | budget | optimizer, lr | epochs | s/epoch | train img/s | to 90% | to 92% | to 93% | final acc |")
+    print("\n| model | budget | optimizer, lr, batch | epochs | s/epoch | train img/s | to 90% | to 92% | to 93% | final acc |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         rc = r["recipe"]
-        print(f"| {r['model']} | {r['budget']:g}s | {rc.get('optimizer')} {rc.get('lr')} | {r['epochs']} | "
+        print(f"| {r['model']} | {r['budget']:g}s | {rc.get('optimizer')} {rc.get('lr')}, "
+              f"{rc.get('batch_size', TrainConfig.batch_size)} | {r['epochs']} | "
               f"{r['s_per_epoch']:.0f} | {r['train_img_s']:,.0f} | {fmt_t(r['t_90'])} | {fmt_t(r['t_92'])} | "
               f"{fmt_t(r['t_93'])} | {r['final_acc']:.2%} |")
     fast92 = sorted({r["model"] for r in results if r["t_92"] is not None and r["t_92"] <= 300})
