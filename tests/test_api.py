@@ -80,7 +80,7 @@ def test_load_with_another_class_count(clf_and_files):
 
 
 def test_train_then_load_and_predict(tmp_path):
-    from engine_images import write_class_folder
+    from _data_files import write_noisy_rgb_folder as write_class_folder
 
     data = write_class_folder(tmp_path / "data", per_class=6, size=16)
     summary = imgarena.train(str(data), model="mlp", epochs=1, batch_size=8, img_size=16, out_dir=str(tmp_path / "runs"),
@@ -97,7 +97,7 @@ def test_train_then_load_and_predict(tmp_path):
 
 def test_compare_wrapper_builds_the_clis_config(tmp_path):
     import yaml
-    from engine_images import write_class_folder
+    from _data_files import write_noisy_rgb_folder as write_class_folder
 
     data = write_class_folder(tmp_path / "data", per_class=6, size=16)
     import imgarena.comparison  # noqa: F401  importing the implementation must not hide the function

@@ -186,7 +186,7 @@ def test_ctrl_c_leaves_a_valid_partial_report_and_a_rerun_resumes(tmp_path, caps
     assert "Partial report" in html and html.count("<tr class=") == 2
     run = next(out.glob("mixer_t4-*"))
     first_rows = _history(run)
-    assert 1 <= len(first_rows) < 10
+    assert 0 < len(first_rows) < 10
 
     capsys.readouterr()
     assert main(args) == 0

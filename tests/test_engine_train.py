@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from engine_images import write_class_folder
+from _data_files import write_noisy_rgb_folder as write_class_folder
 from PIL import Image
 
 from imgarena.checkpoint import load_model, read_metadata

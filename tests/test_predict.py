@@ -76,7 +76,7 @@ def test_csv_schema_topk_and_exit_code(run, files, capsys):
     assert [r[0] for r in rows[1:]] == files["good"]
     for r in rows[1:]:
         assert r[1] in CLASSES and r[3] in CLASSES and r[1] != r[3]
-        assert 1.0 >= float(r[2]) >= float(r[4]) > 0 and r[5] == ""
+        assert float(r[4]) > 0 and float(r[2]) >= float(r[4]) and float(r[2]) <= 1.0 and r[5] == ""
 
 
 def test_table_output_names_failures(run, files, capsys):

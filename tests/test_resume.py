@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from engine_images import write_class_folder
+from _data_files import write_noisy_rgb_folder as write_class_folder
 from safetensors.torch import load_file
 
 from imgarena.checkpoint import read_metadata

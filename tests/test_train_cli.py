@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import yaml
-from engine_images import write_class_folder
+from _data_files import write_noisy_rgb_folder as write_class_folder
 
 from imgarena.cli import build_parser, main
 from imgarena.cli.train import config_from_args
