@@ -30,6 +30,7 @@ import numpy as np
 FAMILY_VARIANTS = {
     "mlp": "mlp", "mixer": "mixer_t4", "vit": "vit_t4", "convnext": "convnext_atto_cifar",
     "resnet": "resnet18_cifar", "mobilenet": "mobilenetv2_cifar", "swin": "swin_t_cifar",
+    "cnn": "cnn_s",
 }
 FMNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 

@@ -42,7 +42,7 @@ from imgarena.engine.train import run_training
 from imgarena.models import list_models
 from imgarena.recipes import recommended_recipe
 
-DEFAULT_MODELS = ("mlp", "mixer_t4", "vit_t4", "convnext_atto_cifar", "resnet18_cifar")
+DEFAULT_MODELS = ("cnn_s", "mlp", "mixer_t4", "vit_t4", "convnext_atto_cifar", "resnet18_cifar")
 THRESHOLDS = (0.90, 0.92, 0.93)
 
 
@@ -72,21 +72,34 @@ def run_one(model: str, budget: float, data, args, out: Path) -> dict:
     name = f"{model}-{budget:g}s"
     cfg = TrainConfig(**{**recipe, "data": DataConfig(source="fashion-mnist"), "model": model, "seed": 0,
                          "time_budget": budget, "augment": args.augment, "state_every": 0, "out_dir": str(out),
-                         "name": name, "compile": args.compile})
-    # The budget ends every run; --epochs (default 10) only bounds it for the fast models.
-    cfg.epochs = args.epochs or cfg.epochs
+                         "name": name, "compile": args.compile, **args.overrides})
+    # The budget ends every run (so the schedule anneals by time); --epochs, when given, may end it sooner.
+    cfg.epochs = args.epochs or 10_000
     t = time.perf_counter()
     summary = run_training(cfg, data=data, progress=not args.quiet)
     total = time.perf_counter() - t
     history = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     return {
-        "model": model, "budget": budget, "recipe": dict(recipe), "epochs": len(history),
+        "model": model, "budget": budget, "recipe": {**recipe, **args.overrides}, "epochs": len(history),
         "s_per_epoch": statistics.median(r["epoch_time"] for r in history),
         "train_img_s": summary["train_img_s"],
         **{f"t_{int(round(th * 100))}": time_to(history, th) for th in THRESHOLDS},
         "final_acc": history[-1]["val_acc"], "best_acc": max(r["val_acc"] for r in history),
         "train_wall_s": history[-1]["wall_time"], "process_s": total, "stop_reason": summary["stop_reason"],
     }
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {item!r}: use KEY=VALUE with a TrainConfig key ({', '.join(sorted(known))})")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def fmt_t(v) -> str:
@@ -98,13 +111,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="3,000 train / 2,000 test images, 20 s per model")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
     p.add_argument("--budgets", default=None, help="seconds of training per run, comma-separated (default 300,600)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's; the budget may end it first)")
+    p.add_argument("--epochs", type=int, default=None, help="at most this many epochs per run (default: as many as fit in the budget)")
     p.add_argument("--augment", default="none", help="augmentation preset for every run (default none)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time counts)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--out", default=None, help="keep run folders here (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig override for every run, VALUE as YAML (repeatable), e.g. --set batch_size=128")
     args = p.parse_args()
+    args.overrides = parse_overrides(args.set)
     budgets = [float(b) for b in (args.budgets or ("20" if args.quick else "300,600")).split(",") if b]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 

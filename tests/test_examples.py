@@ -251,3 +251,6 @@ def test_architecture_doc_walkthrough_numbers():
     assert count_params(model("mobilenetv2").blocks[2][1]) == 14_848
     assert count_params(model("swin_t").layers[0].blocks[1]) == 112_347
     assert count_params(model("mlp", 2, img_size=28)) == 471_002
+    cnn = model("cnn_s", 10, in_chans=1, img_size=28)
+    assert count_params(cnn) == 825_066
+    assert (count_params(cnn.stages[1]), count_params(cnn.fc)) == (18_432 + 128, 803_072)

@@ -30,6 +30,7 @@ TINY = {
     "convnext": ("convnext_atto_cifar", 16, dict(depths=(1, 1), dims=(16, 32), ls_init_value=1.0)),
     "resnet": ("resnet18_cifar", 16, dict(layers=(1, 1), widths=(8, 16), stem_width=8, zero_init_last=False)),
     "mobilenet": ("mobilenetv2_cifar", 16, dict(width=0.25)),
+    "cnn": ("cnn_s", 16, dict(widths=(8, 16), hidden=16)),
 }
 FAMILIES = sorted({get_entry(n).family for n in list_models()})
 

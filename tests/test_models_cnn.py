@@ -1,4 +1,4 @@
-"""ConvNeXt, ResNet and MobileNet: parameter counts and logits against timm, the shared contract,
+"""ConvNeXt, ResNet, MobileNet and the plain CNN: parameter counts and logits against timm, the shared contract,
 gradients for every registered variant, and the CPU inference fast path against the reference path."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from imgarena.errors import UserError
 from imgarena.models import _fastpaths, create_model, get_entry, list_models
 from imgarena.models.convert import ours_to_timm, timm_to_ours
 
-FAMILIES = ("convnext", "resnet", "mobilenet")
+FAMILIES = ("convnext", "resnet", "mobilenet", "cnn")
 
 
 def n_params(m: nn.Module) -> int:
@@ -64,6 +64,7 @@ def test_registered_variants():
     assert set(list_models(family="resnet")) == {"resnet18", "resnet34", "resnet50", "resnet18_cifar",
                                                  "resnet50_cifar"}
     assert set(list_models(family="mobilenet")) == {"mobilenetv1", "mobilenetv2", "mobilenetv2_cifar"}
+    assert set(list_models(family="cnn")) == {"cnn_s", "cnn_m"}
     assert {n for f in FAMILIES for n in list_models(family=f) if get_entry(n).paper} == {
         "convnext_t", "convnext_s", "convnext_b", "convnext_l", "resnet18", "resnet34", "resnet50",
         "mobilenetv1", "mobilenetv2"}
@@ -157,6 +158,8 @@ def _tiny_overrides(name: str) -> dict:
         big = n_params(create_model(name, num_classes=3)) > 40e6
     if big:  # convnext_s/b/l: the variant's widths, one block per stage
         extra["depths"] = (1, 1, 1, 1)
+    if get_entry(name).family == "cnn":  # its flattening head is built for one input size
+        extra["img_size"] = 32
     return extra
 
 
@@ -204,6 +207,43 @@ def test_contract(name, img, feat_shape):
     spec = model.input_spec
     assert spec["in_chans"] == 1 and spec["img_size"] == (32 if name.endswith("_cifar") else 224)
     assert model.model_name == name
+
+
+def test_plain_cnn_shapes_contract_and_parameters():
+    model = create_model("cnn_s", num_classes=10, in_chans=1, img_size=28).eval()
+    # conv 1->32 (288) + BN (64), conv 32->64 (18,432) + BN (128), fc 64*7*7->256 (803,072),
+    # BN1d (512), head 256->10 (2,570)
+    assert n_params(model) == 288 + 64 + 18_432 + 128 + 3136 * 256 + 256 + 512 + 2570
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 64, 7, 7)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features) == (2, 256)
+        assert model(x).shape == (2, 10)
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3) and model.num_classes == 3
+    assert model.input_spec["img_size"] == 28 and model.model_name == "cnn_s"
+    m = create_model("cnn_m", num_classes=4, img_size=32)
+    assert m.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 128, 4, 4) and m.fc.in_features == 128 * 16
+    with pytest.raises(UserError, match="drop_path"):
+        create_model("cnn_s", num_classes=3, drop_path_rate=0.1)
+    with pytest.raises(UserError, match="at least 8 px"):
+        create_model("cnn_m", num_classes=3, img_size=4)
+
+
+@pytest.mark.parametrize("name", ["cnn_s", "resnet18_cifar", "mobilenetv2_cifar"])
+def test_grayscale_input_runs_channels_last(name):
+    """A (B, 1, H, W) batch has NCHW strides that contiguous(channels_last) keeps; the ConvNets must
+    still run NHWC (convolutions choose their layout from the strides: NCHW was 1.7x slower here)."""
+    kw = {"widths": (8, 16), "layers": (1, 1), "stem_width": 8} if name.startswith("resnet") else {}
+    model = create_model(name, num_classes=3, in_chans=1, img_size=28, **kw)
+    x = torch.randn(2, 1, 28, 28)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) != 1  # the trap
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    seen = []
+    stem.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].stride(1), out.stride(1))))
+    model(x)
+    assert seen == [(1, 1)]  # input restrided to NHWC, so the first conv's output is NHWC too
 
 
 def test_convnext_layer_scale_and_stochastic_depth():
@@ -346,7 +386,7 @@ def test_fast_path_only_when_allowed():
 
 @needs_onednn
 @pytest.mark.parametrize("name,img", [("convnext_atto", 32), ("resnet50", 64), ("mobilenetv1", 32),
-                                      ("mobilenetv2_cifar", 32)])
+                                      ("mobilenetv2_cifar", 32), ("cnn_s", 28)])
 def test_fast_path_matches_reference_before_and_after_training(name, img):
     torch.manual_seed(0)
     model = create_model(name, num_classes=4, **({"zero_init_last": False} if "resnet" in name else {}))

@@ -90,3 +90,13 @@ def test_train_resume_and_eval_with_unknown_class(tmp_path, capsys):
     for name in ("eval.json", "per_class.csv", "confusion_matrix.png", "errors.png"):
         assert (tmp_path / "ev" / name).is_file()
     assert main(["eval", str(out / "r"), str(test), "--split", "test"]) == 2  # no test split there
+    capsys.readouterr()
+
+    # one image per class: too few for a val split, and eval needs none
+    single = write_class_folder(tmp_path / "single", classes=("cat", "dog"), per_class=1, size=12)
+    assert main(["eval", str(out / "r"), str(single), "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["images"] == 2 and sum(map(sum, res["confusion_matrix"])) == 2
+    # training on it still needs a val split, and says so in one line
+    assert main(["train", str(single), "--epochs", "1", "--name", "s", *common]) == 2
+    assert "no usable val images" in capsys.readouterr().err

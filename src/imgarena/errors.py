@@ -1,8 +1,10 @@
 """Errors a user can cause. The CLI prints them as one line and exits with code 2."""
 
 
-class UserError(Exception):
-    """A mistake in the user's input (path, option, data). Message must say what to do."""
+class UserError(ValueError):
+    """A mistake in the user's input (path, option, data). Message must say what to do.
+
+    A ValueError, so library callers can catch either; the CLI prints it as one line."""
 
 
 def closest_matches(name: str, choices, n: int = 5) -> list[str]:

@@ -2,7 +2,7 @@
 
 Each keeps its paper's recipe shape (Mixer/ViT/Swin: AdamW, warmup, cosine, label smoothing,
 clipping; ConvNeXt: AdamW with weight decay 0.05, drop path and label smoothing; ResNet/MobileNet:
-SGD with momentum; the MLP: Adam), with values tuned for Fashion-MNIST-scale data (28-64 px, tens of
+SGD with momentum; the MLP: Adam; the plain CNN: AdamW like ConvNeXt), with values tuned for Fashion-MNIST-scale data (28-64 px, tens of
 thousands of images) trained for minutes on a CPU:
 
 - batch 64: on a CPU these models process as many images per second at batch 64 as at 128-256,
@@ -13,6 +13,9 @@ thousands of images) trained for minutes on a CPU:
   8e-3 gave 76.3 / 81.2 / 82.1 / 81.2%; ConvNeXt 1e-3 / 2e-3 / 4e-3 gave 82.3 / 83.3 / 83.8%;
   at batch 64 Mixer 2e-3 and 4e-3 tie at 82.6%), 1e-3 for ViT (5e-4 / 1e-3 / 2e-3 on 10,000
   images: 55.8 / 57.4 / 57.5%).
+- the plain CNN keeps batch 128: at ~3,000 img/s its steps are short enough that per-step overhead
+  shows, and one minute on full Fashion-MNIST gave 92.9% with AdamW 2e-3 / batch 128 vs 92.7% with
+  SGD 0.05 / batch 64 and 92.4% with SGD 0.1-0.2 / batch 128.
 - warmup 0.2 epochs: long enough to keep AdamW stable, short enough not to eat a 5-minute budget.
 - label smoothing 0.1 (Mixer without it: 81.1% vs 82.1%).
 
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 RECIPES: dict[str, dict] = {
     "mlp": dict(optimizer="adam", lr=1e-3, schedule="cosine", warmup_epochs=0.0, label_smoothing=0.0),
+    "cnn": dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=0.2,
+                label_smoothing=0.1, batch_size=128),
     "mixer": dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=0.2,
                   label_smoothing=0.1, clip_grad=1.0, batch_size=64),
     "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=0.2,

@@ -168,9 +168,9 @@ def plot_overlaid_curves(histories: dict[str, list[dict]], path) -> None:
     """Val accuracy and loss of every model on shared axes, against epoch and against wall time."""
     from matplotlib.ticker import MaxNLocator
 
-    from imgarena.evaluation.plots import _figure, _save
+    from imgarena.evaluation.plots import new_figure, save_figure
 
-    fig = _figure(12, 8)
+    fig = new_figure(12, 8)
     panels = [("epoch", "val_acc"), ("epoch", "val_loss"), ("wall_time", "val_acc"), ("wall_time", "val_loss")]
     for n, (x_key, y_key) in enumerate(panels):
         ax = fig.add_subplot(2, 2, n + 1)
@@ -189,14 +189,14 @@ def plot_overlaid_curves(histories: dict[str, list[dict]], path) -> None:
         if n == 0:
             ax.legend(fontsize=8)
     fig.suptitle("Validation curves (same data, split and budget)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_acc_vs_time(records: list[dict], path) -> None:
     """Best val accuracy against training wall time: up and to the left is better."""
-    from imgarena.evaluation.plots import _figure, _save
+    from imgarena.evaluation.plots import new_figure, save_figure
 
-    fig = _figure(7, 5)
+    fig = new_figure(7, 5)
     ax = fig.add_subplot(1, 1, 1)
     for i, r in enumerate(records):
         if r.get("best_val_acc") is None or r.get("train_time_s") is None:
@@ -211,7 +211,7 @@ def plot_acc_vs_time(records: list[dict], path) -> None:
     ax.set_ylabel("best val accuracy (%)")
     ax.set_title("Accuracy vs training time")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _figures(compare_dir: Path, records: list[dict]) -> list[tuple[str, Path]]:

@@ -193,11 +193,6 @@ def _assemble(entry: cache.CacheEntry, cfg, classes, paths, labels, ids, root, k
         record_splits[name] = [ids[r] for r in rows]
     bad_files = [(paths[r], reason) for r, reason in sorted(bad_rows.items())]
     counts = {k: len(v) for k, v in splits.items()}
-    for k in ("train", "val"):
-        if counts.get(k, 0) == 0:
-            skipped = f" ({len(bad_files)} unreadable files skipped)" if bad_files else ""
-            raise UserError(f"{cfg.source}: no usable {k} images{skipped}: add images (an automatic val split "
-                            "needs at least 2 images in a class)")
     record = {
         "source": cfg.source, "kind": kind, "root": root, "classes": list(classes),
         "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "subset": cfg.subset,
@@ -270,9 +265,10 @@ def _builtin_data(b: Builtin, cfg: DataConfig) -> PreparedData:
     return _assemble(entry, cfg, b.classes, ids, np.concatenate(labels), ids, "", "builtin", [])
 
 
-def load_data(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
+def load_data(cfg: DataConfig, *, progress: bool = True, need_val: bool = True) -> PreparedData:
     """Turn `cfg.source` into cached, split, ready-to-batch data. Unreadable files are listed in
-    `bad_files` and skipped (with one warning summary), never fatal."""
+    `bad_files` and skipped (with one warning summary), never fatal. Training needs a non-empty val
+    split; evaluation (`need_val=False`) takes a folder of one image per class as it is."""
     _validate(cfg)
     src = str(cfg.source)
     progress = progress_enabled(progress)
@@ -290,6 +286,11 @@ def load_data(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
         hint = closest_matches(src, BUILTINS)
         raise UserError(f"{src!r} is neither an existing folder/CSV nor a built-in dataset"
                         + (f" (did you mean {', '.join(hint)}?)" if hint else f"; built-ins: {', '.join(BUILTINS)}"))
+    for k in ("train", "val") if need_val else ("train",):
+        if len(getattr(data, k)) == 0:
+            skipped = f" ({len(data.bad_files)} unreadable files skipped)" if data.bad_files else ""
+            raise UserError(f"{cfg.source}: no usable {k} images{skipped}: add images (an automatic val split "
+                            "needs at least 2 images in a class)")
     for w in data.warnings:
         _warn(w)
     if data.bad_files:

@@ -45,7 +45,7 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
     names = [str(c) for c in meta["class_names"]]
     k = len(names)
     data = load_data(dataclasses.replace(cfg.data, img_size=int(pre["img_size"]), channels=int(pre["channels"]),
-                                         resize=pre.get("resize", "squash")), progress=progress)
+                                         resize=pre.get("resize", "squash")), progress=progress, need_val=False)
 
     # Data labels -> the model's class indices, by class name (-1: a class the model never saw).
     index = {c: i for i, c in enumerate(names)}
@@ -100,7 +100,8 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
 
 def _chosen_splits(data, which: str):
     """auto: the test split when there is one (a held-out set), else every image in the source."""
-    present = [(n, getattr(data, n)) for n in ("train", "val", "test") if getattr(data, n) is not None]
+    present = [(n, getattr(data, n)) for n in ("train", "val", "test") if getattr(data, n) is not None
+               and len(getattr(data, n))]  # a folder of one image per class has no val split
     if which == "auto":
         which = "test" if data.test is not None and len(data.test) else "all"
     if which == "all":

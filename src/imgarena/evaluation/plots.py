@@ -13,7 +13,8 @@ import numpy as np
 from imgarena.evaluation.metrics import normalize_rows
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A Figure on the Agg canvas, without pyplot's global state (safe to use from any thread)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -22,7 +23,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
+    """Write `fig` as a PNG at `path`, atomically."""
     from imgarena.checkpoint import atomic_write
 
     # atomic: a report reading the run folder never sees half a PNG
@@ -33,7 +35,7 @@ def plot_curves(history: list[dict], path, *, title: str | None = None) -> None:
     """Two panels like seed 000: accuracy (train vs val) and loss (train vs val) per epoch."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(11, 4)
+    fig = new_figure(11, 4)
     epochs = [r["epoch"] for r in history]
     for ax, key, label in ((fig.add_subplot(1, 2, 1), "acc", "accuracy"), (fig.add_subplot(1, 2, 2), "loss", "loss")):
         for split, style in (("train", "-o"), ("val", "-s")):
@@ -49,7 +51,7 @@ def plot_curves(history: list[dict], path, *, title: str | None = None) -> None:
         ax.legend()
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names, path, *, title: str | None = None) -> None:
@@ -58,7 +60,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names, path, *, title: str | Non
     n = cm.shape[0]
     names = [str(c)[:16] for c in class_names]
     side = min(max(4.0, 0.45 * n + 2.5), 16.0)
-    fig = _figure(2 * side + 1.5, side)
+    fig = new_figure(2 * side + 1.5, side)
     fig.subplots_adjust(wspace=0.45)
     for i, (mat, sub, fmt) in enumerate(((cm, "counts", "d"), (normalize_rows(cm), "normalized by true class", ".2f"))):
         ax = fig.add_subplot(1, 2, i + 1)
@@ -79,7 +81,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names, path, *, title: str | Non
                             fontsize=7, color="white" if v > thresh else "black")
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def most_confident_errors(probs: np.ndarray, targets, limit: int = 36) -> np.ndarray:
@@ -111,11 +113,11 @@ def plot_errors(images, targets, probs, class_names, path, *, limit: int = 36, c
     idx = most_confident_errors(probs, targets, limit)
     names = [str(c) for c in class_names]
     if len(idx) == 0:
-        fig = _figure(4, 2)
+        fig = new_figure(4, 2)
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
         ax.text(0.5, 0.5, "no mistakes on this split", ha="center", va="center")
-        _save(fig, path)
+        save_figure(fig, path)
         return 0
     cols = min(cols, len(idx))
     rows = int(np.ceil(len(idx) / cols))
@@ -126,7 +128,7 @@ def plot_errors(images, targets, probs, class_names, path, *, limit: int = 36, c
     band, gap = max(h // 2, 10), max(w // 8, 2)
     shape = (rows * (h + band), cols * (w + gap)) + first.shape[2:]
     mosaic = np.full(shape, 255, dtype=np.uint8)
-    fig = _figure(cols * 1.9, rows * 2.3)
+    fig = new_figure(cols * 1.9, rows * 2.3)
     ax = fig.add_axes((0, 0, 1, 0.94))
     pred = np.asarray(probs).argmax(axis=1)
     labels = []
@@ -142,7 +144,7 @@ def plot_errors(images, targets, probs, class_names, path, *, limit: int = 36, c
         ax.text(x, y, text, ha="center", va="bottom", fontsize=7, color="firebrick")
     ax.axis("off")
     fig.suptitle(title or "Most confident mistakes")
-    _save(fig, path)
+    save_figure(fig, path)
     return len(idx)
 
 

@@ -82,6 +82,8 @@ def create_model(name: str, num_classes: int = 1000, *, in_chans: int = 3, img_s
         model = entry.builder(**kwargs)
     except TypeError as e:
         raise UserError(f"model {name!r}: bad option ({e}); see `imgarena models summary {name}`") from None
+    except ValueError as e:  # an option the architecture rejects, e.g. a width that does not divide into heads
+        raise UserError(f"model {name!r}: {e}") from None
     # Self-description for checkpoints: enough to rebuild the exact module.
     model.model_name = name
     model.model_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_chans")}

@@ -31,7 +31,7 @@ from torch import nn
 
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
-from imgarena.models._layers import DropPath
+from imgarena.models._layers import DropPath, to_channels_last
 from imgarena.models._registry import register_family
 
 
@@ -154,7 +154,7 @@ class MobileNet(ClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, H/32, W/32) (H/16 with stem_stride=1), channels-last."""
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = to_channels_last(x)
         fused = not self.training and fast_path_ok(x)
         x = conv_bn_act(x, self.conv_stem, self.bn1, "relu6") if fused else self.act1(self.bn1(self.conv_stem(x)))
         x = self.blocks(x)  # (B, 320*width (V2) or 1024*width (V1), H/32, W/32); (B, 32*width, H/2, W/2) before

@@ -29,7 +29,7 @@ from torch import nn
 
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
-from imgarena.models._layers import DropPath
+from imgarena.models._layers import DropPath, to_channels_last
 from imgarena.models._registry import register_family
 
 
@@ -153,7 +153,7 @@ class ResNet(ClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, H/32, W/32) (H/8 with the small stem), channels-last."""
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = to_channels_last(x)
         if not self.training and fast_path_ok(x):
             x = self.maxpool(conv_bn_act(x, self.conv1, self.bn1))
         else:
