@@ -26,7 +26,7 @@ bench-data:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
 
 # Six architectures on the embedded sample, same data, batch and budget (at most 10 epochs or 50 s of
-# training each), each with its family's recommended optimiser settings: 5-8 min on 2 cores.
+# training each), each with its family's recommended optimiser settings: 4 min 20 s on 2 idle cores.
 # A re-run skips finished models; `rm -rf demo-out` starts over.
 demo: install
 	$(VENV)/bin/imgarena compare sample --models mixer_t4,vit_t4,convnext_atto_cifar,resnet18_cifar,cnn_s,mlp \
