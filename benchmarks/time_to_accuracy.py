@@ -72,7 +72,7 @@ def run_one(model: str, budget: float, data, args, out: Path) -> dict:
     name = f"{model}-{budget:g}s"
     cfg = TrainConfig(**{**recipe, "data": DataConfig(source="fashion-mnist"), "model": model, "seed": 0,
                          "time_budget": budget, "augment": args.augment, "state_every": 0, "out_dir": str(out),
-                         "name": name, "compile": args.compile, **args.overrides})
+                         "name": name, "compile": args.compile, **args.overrides.get(model, {})})
     # The budget ends every run (so the schedule anneals by time); --epochs, when given, may end it sooner.
     cfg.epochs = args.epochs or 10_000
     t = time.perf_counter()
@@ -80,7 +80,7 @@ def run_one(model: str, budget: float, data, args, out: Path) -> dict:
     total = time.perf_counter() - t
     history = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     return {
-        "model": model, "budget": budget, "recipe": {**recipe, **args.overrides}, "epochs": len(history),
+        "model": model, "budget": budget, "recipe": {**recipe, **args.overrides.get(model, {})}, "epochs": len(history),
         "s_per_epoch": statistics.median(r["epoch_time"] for r in history),
         "train_img_s": summary["train_img_s"],
         **{f"t_{int(round(th * 100))}": time_to(history, th) for th in THRESHOLDS},
@@ -89,17 +89,21 @@ def run_one(model: str, budget: float, data, args, out: Path) -> dict:
     }
 
 
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
+def parse_overrides(items: list[str], models: list[str]) -> tuple[dict, dict]:
+    """--set as in `imgarena compare` (KEY=VALUE for every run, MODEL:KEY=VALUE for one model's),
+    keys checked against TrainConfig."""
+    from imgarena.cli.compare import parse_set
+    from imgarena.errors import UserError
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"--set {item!r}: use KEY=VALUE with a TrainConfig key ({', '.join(sorted(known))})")
-        out[key] = yaml.safe_load(value)
-    return out
+    try:
+        shared, per = parse_set(items, models)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
+    for key in [*shared, *(k for opts in per.values() for k in opts)]:
+        if key not in known:
+            raise SystemExit(f"--set {key}=...: not a TrainConfig key ({', '.join(sorted(known))})")
+    return shared, per
 
 
 def fmt_t(v) -> str:
@@ -118,9 +122,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="keep run folders here (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a TrainConfig override for every run, VALUE as YAML (repeatable), e.g. --set batch_size=128")
+                   help="a TrainConfig override, VALUE as YAML (repeatable): KEY=VALUE for every run, "
+                        "MODEL:KEY=VALUE for one model's, e.g. --set batch_size=128")
     args = p.parse_args()
-    args.overrides = parse_overrides(args.set)
     budgets = [float(b) for b in (args.budgets or ("20" if args.quick else "300,600")).split(",") if b]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
@@ -128,6 +132,8 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     missing = [m for m in models if m not in known]
     models = [m for m in models if m in known]
+    shared, per = parse_overrides(args.set, models)
+    args.overrides = {m: {**shared, **per.get(m, {})} for m in models}
     data = benchmark_data(args.quick)
     print(f"Fashion-MNIST: {len(data.train)} train / {len(data.val)} test images; {torch.get_num_threads()} threads; "
           f"budgets {', '.join(f'{b:g}s' for b in budgets)} per model"

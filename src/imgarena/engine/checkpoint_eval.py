@@ -100,8 +100,8 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
 
 def _chosen_splits(data, which: str):
     """auto: the test split when there is one (a held-out set), else every image in the source."""
-    present = [(n, getattr(data, n)) for n in ("train", "val", "test") if getattr(data, n) is not None
-               and len(getattr(data, n))]  # a folder of one image per class has no val split
+    # empty splits left out: a folder of one image per class has no val split
+    present = [(n, s) for n in ("train", "val", "test") if (s := getattr(data, n)) is not None and len(s)]
     if which == "auto":
         which = "test" if data.test is not None and len(data.test) else "all"
     if which == "all":

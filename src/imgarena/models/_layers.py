@@ -2,7 +2,7 @@
 
 DropPath (stochastic depth), Mlp (Linear-act-Linear), PatchEmbed (non-overlapping patches via a
 strided conv whose weight is `proj.weight`), LayerNorm2d (LayerNorm over channels of NCHW maps),
-`trunc_normal_` / `init_linears_` (the ViT/Mixer init), `split_heads` (fused qkv -> q, k, v) and
+`trunc_normal_` / `init_linears_` (the ViT/Mixer init), `he_init_` (the ConvNets' init), `split_heads` (fused qkv -> q, k, v) and
 `to_channels_last` (the ConvNets' input layout, one-channel images included).
 Keeping timm's names lets `convert.py` stay tiny.
 
@@ -37,6 +37,18 @@ def init_linears_(module: nn.Module, std: float = 0.02) -> None:
             trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def he_init_(module: nn.Module) -> None:
+    """He (fan-out) normal convs, batch norms at weight 1 / bias 0 (ResNet's and the plain CNN's init;
+    Linear layers keep PyTorch's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._fastpaths import conv_bn_act, fast_path_ok
-from imgarena.models._layers import to_channels_last
+from imgarena.models._layers import he_init_, to_channels_last
 from imgarena.models._registry import register_family
 
 
@@ -90,15 +90,9 @@ class CNN(ClassifierMixin, nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    @torch.no_grad()
     def init_weights(self) -> None:
         """He (fan-out) normal convs, BN at 1/0, PyTorch's default Linear init."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init_(self)
 
 
 VARIANTS = {

@@ -29,7 +29,7 @@ from torch import nn
 
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
-from imgarena.models._layers import DropPath, to_channels_last
+from imgarena.models._layers import DropPath, he_init_, to_channels_last
 from imgarena.models._registry import register_family
 
 
@@ -170,12 +170,7 @@ class ResNet(ClassifierMixin, nn.Module):
     def init_weights(self, zero_init_last: bool = True) -> None:
         """He (fan-out) normal convs, BN at 1/0, PyTorch's default Linear init; optionally zero-init
         the last BN of every residual branch (timm's and torchvision's choice)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init_(self)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
