@@ -57,7 +57,7 @@ def test_sharding_gives_disjoint_equal_shards():
     assert len(set(odd)) == 1  # equal batch counts per rank even when N is not divisible
 
 
-@pytest.mark.parametrize("preset", ["light", "standard", "strong"])
+@pytest.mark.parametrize("preset", ["flip", "light", "standard", "strong"])
 def test_resume_at_epoch_step_gives_identical_batches(preset):
     s = _split()
     L = _loader(s, augment=preset, mean=(0.5,), std=(0.25,))
@@ -81,6 +81,9 @@ def test_augment_keeps_shape_dtype_and_varies_per_sample(preset):
     distinct = len({tuple(o.flatten().round(decimals=4).tolist()) for o in out})
     if preset == "none":
         assert torch.equal(out, x)
+    elif preset == "flip":  # each sample is the image or its mirror, and both occur
+        mirrored = [torch.equal(o, base[0].flip(-1)) for o in out]
+        assert all(m or torch.equal(o, base[0]) for m, o in zip(mirrored, out)) and 0 < sum(mirrored) < 32
     else:
         assert distinct >= 4  # per-sample random parameters, not one draw for the whole batch
     assert torch.equal(x, base.repeat(32, 1, 1, 1))  # the input batch is not modified in place

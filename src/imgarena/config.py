@@ -14,6 +14,9 @@ from pathlib import Path
 
 from imgarena.errors import UserError
 
+# --augment presets (imgarena.data.augment implements them; defined here so the CLI needs no torch).
+AUGMENT_PRESETS = ("none", "flip", "light", "standard", "strong")
+
 
 def default_cache_dir() -> str:
     return os.environ.get("IMGARENA_CACHE", str(Path.home() / ".cache" / "imgarena"))
@@ -109,7 +112,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
     cutmix: float = 0.0
-    augment: str = "light"  # none | light | standard | strong
+    augment: str = "light"  # one of AUGMENT_PRESETS
     drop_path: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999

@@ -14,6 +14,7 @@ imgarena compare --config compare.yaml      # a YAML file of CompareConfig keys 
 
 def register(sub) -> None:
     from imgarena.cli.common import add_command, add_data_args
+    from imgarena.config import AUGMENT_PRESETS
 
     p = add_command(sub, "compare", "Train several architectures on the same data under the same conditions and report.",
                     EXAMPLES, run)
@@ -28,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="compare folder (default runs/compare-<data name>)")
     p.add_argument("--seed", type=int, default=None, help="training seed shared by every model (default 0)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--augment", choices=["none", "light", "standard", "strong"], default=None,
+    p.add_argument("--augment", choices=list(AUGMENT_PRESETS), default=None,
                    help="augmentation for every model (default light)")
     p.add_argument("--lr", type=float, default=None, help="learning rate for every model")
     p.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default=None, help="optimizer for every model")

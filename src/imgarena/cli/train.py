@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from imgarena.cli.common import add_command, add_data_args, data_config_from_args
+from imgarena.config import AUGMENT_PRESETS
 from imgarena.errors import UserError, parse_duration
 
 EXAMPLES = """
@@ -66,7 +67,7 @@ def register(sub) -> None:
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
 
     g = p.add_argument_group("regularization")
-    g.add_argument("--augment", choices=["none", "light", "standard", "strong"], default=None, help="augmentation preset (default light)")
+    g.add_argument("--augment", choices=list(AUGMENT_PRESETS), default=None, help="augmentation preset (default light)")
     g.add_argument("--label-smoothing", type=float, default=None, help="e.g. 0.1 (default 0)")
     g.add_argument("--mixup", type=float, default=None, help="mixup Beta alpha, e.g. 0.2 (default 0: off)")
     g.add_argument("--cutmix", type=float, default=None, help="cutmix Beta alpha, e.g. 1.0 (default 0: off)")

@@ -7,6 +7,8 @@ loader can make it a pure function of (seed, epoch, step).
 
 Presets:
 - none
+- flip: horizontal flip only (no shifts: patch models on small centred images, e.g. Fashion-MNIST,
+  learn shifted patches slowly; benchmarks/time_to_accuracy.py)
 - light: horizontal flip + pad-4-and-random-crop (seed 003's CIFAR recipe)
 - standard: seed 000's Albumentations set, same limits and probabilities (ShiftScaleRotate 0.0625/0.2/45
   reflect p=.3, RandomGamma 85-150 p=.3, RandomBrightnessContrast .5/.5 p=.4, CoarseDropout 1-4 holes of
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PRESETS = ("none", "light", "standard", "strong")
+from imgarena.config import AUGMENT_PRESETS as PRESETS  # one list for the CLI (torch-free) and the loader
 
 
 def _u(gen, n, lo=0.0, hi=1.0):
@@ -255,6 +257,8 @@ def augment_batch(x, preset: str, gen: torch.Generator, *, fill=None, inplace: b
         raise ValueError(f"augment must be one of {', '.join(PRESETS)}, got {preset!r}")
     if preset == "none" or x.shape[0] == 0:
         return x
+    if preset == "flip":
+        return flip_(x if inplace else x.clone(), gen)
     if preset == "light":
         return pad_crop(flip_(x if inplace else x.clone(), gen), gen, pad=max(1, round(x.shape[-1] / 8)))
     x = x if inplace else x.clone()

@@ -8,6 +8,7 @@ copies and augments the next batches while the training step runs.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 
@@ -15,6 +16,23 @@ import numpy as np
 import torch
 
 from imgarena.data.augment import PRESETS, augment_batch
+
+
+# (stop event, thread) of every prefetcher whose batch iterator has not been closed. An iterator
+# abandoned without closing keeps its daemon thread making batches; if that thread is inside a
+# torch op when the interpreter finalizes, it is killed in a C++ frame and the process aborts
+# ("terminate called without an active exception", seen at the end of torchrun workers). So
+# stop and join them at exit, while threads can still run.
+_LIVE_PREFETCHERS: set = set()
+
+
+@atexit.register
+def _stop_prefetchers() -> None:
+    live = list(_LIVE_PREFETCHERS)
+    for stop, _ in live:
+        stop.set()
+    for _, t in live:
+        t.join(timeout=5)
 
 
 def _mix_seed(*parts: int) -> int:
@@ -115,6 +133,14 @@ class BatchLoader:
         stop = threading.Event()
         done = object()
 
+        def put(item):  # gives up once the consumer has gone (stop set)
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def produce():
             # One intra-op thread here: the training step owns the cores, and two OpenMP teams
             # spinning on the same cores slowed loading ~40x on a 2-core machine. Per-thread setting.
@@ -123,19 +149,15 @@ class BatchLoader:
                 for s in steps:
                     if stop.is_set():
                         return
-                    item = self._make(epoch, s, order)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                q.put(done)
+                    put(self._make(epoch, s, order))
+                put(done)
             except BaseException as e:  # handed to the consumer and re-raised there
-                q.put(e)
+                put(e)
 
         t = threading.Thread(target=produce, name="imgarena-batch-prefetch", daemon=True)
         t.start()
+        live = (stop, t)
+        _LIVE_PREFETCHERS.add(live)
         try:
             while True:
                 item = q.get()
@@ -147,3 +169,4 @@ class BatchLoader:
         finally:
             stop.set()
             t.join(timeout=5)
+            _LIVE_PREFETCHERS.discard(live)

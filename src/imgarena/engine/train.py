@@ -50,7 +50,9 @@ def run_training(cfg: TrainConfig, *, data=None, progress: bool = True) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = distributed.setup(cfg.device)
     try:
-        return _run(cfg, dist, data, progress)
+        summary = _run(cfg, dist, data, progress)
+        distributed.barrier(dist)  # every rank done before any tears the group down
+        return summary
     finally:
         distributed.cleanup(dist)
 
