@@ -19,9 +19,8 @@ from imgarena.data.augment import PRESETS, augment_batch
 
 
 # (stop event, thread) of every prefetcher whose batch iterator has not been closed. An iterator
-# abandoned without closing keeps its daemon thread making batches; if that thread is inside a
-# torch op when the interpreter finalizes, it is killed in a C++ frame and the process aborts
-# ("terminate called without an active exception", seen at the end of torchrun workers). So
+# abandoned without closing keeps its daemon thread making batches; a daemon thread still inside a
+# torch op when the interpreter finalizes is killed in a C++ frame, which aborts the process. So
 # stop and join them at exit, while threads can still run.
 _LIVE_PREFETCHERS: set = set()
 
