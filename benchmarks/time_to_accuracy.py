@@ -145,13 +145,12 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     missing = [m for m in models if m not in known]
     models = [m for m in models if m in known]
-    if args.goals:
-        models = [m for m, _, _ in GOAL_RUNS]
-    shared, per = parse_overrides(args.set, models)
-    if args.goals:  # --set still applies on top
-        runs = [(m, budgets[0] if args.quick else float(b), {**o, **shared, **per.get(m, {})}) for m, b, o in GOAL_RUNS]
+    if args.goals:  # --quick shrinks the budgets as for any run; --set applies on top of GOAL_RUNS
+        plan = [(m, budgets[0] if args.quick else float(b), o) for m, b, o in GOAL_RUNS]
     else:
-        runs = [(m, b, {**shared, **per.get(m, {})}) for b in budgets for m in models]
+        plan = [(m, b, {}) for b in budgets for m in models]
+    shared, per = parse_overrides(args.set, sorted({m for m, _, _ in plan}))
+    runs = [(m, b, {**o, **shared, **per.get(m, {})}) for m, b, o in plan]
     data = benchmark_data(args.quick)
     print(f"Fashion-MNIST: {len(data.train)} train / {len(data.val)} test images; {torch.get_num_threads()} threads; "
           f"{len(runs)} runs, budgets {', '.join(sorted({f'{b:g}s' for _, b, _ in runs}))}"

@@ -57,7 +57,7 @@ def test_sharding_gives_disjoint_equal_shards():
     assert len(set(odd)) == 1  # equal batch counts per rank even when N is not divisible
 
 
-@pytest.mark.parametrize("preset", ["flip", "light", "standard", "strong"])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])
 def test_resume_at_epoch_step_gives_identical_batches(preset):
     s = _split()
     L = _loader(s, augment=preset, mean=(0.5,), std=(0.25,))
