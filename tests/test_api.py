@@ -108,3 +108,30 @@ def test_compare_wrapper_builds_the_clis_config(tmp_path):
     # CompareConfig fields stay top-level, DataConfig ones go to data, other TrainConfig ones to train
     assert saved["epochs"] == 1 and saved["data"]["img_size"] == 16 and saved["data"]["val_fraction"] == 0.34
     assert saved["train"] == {"lr": 0.01}
+
+
+def test_api_options_are_checked_before_any_work(tmp_path):
+    """`imgarena.train(lr="x")` is the CLI's `--lr x`: a UserError naming lr, not a TypeError from the optimizer."""
+    out = tmp_path / "runs"
+    with pytest.raises(UserError, match=r"^lr must be a finite number > 0, got 'x'$"):
+        imgarena.train("sample", model="mlp", lr="x", out_dir=str(out))
+    with pytest.raises(UserError, match=r"^img_size must be a whole number between 8 and 4096"):
+        imgarena.train("sample", model="mlp", img_size="big", out_dir=str(out))  # named as the caller wrote it
+    with pytest.raises(UserError, match=r"^val_fraction must be a finite number in \(0, 1\)"):
+        imgarena.train("sample", model="mlp", val_fraction=1.5, out_dir=str(out))
+    with pytest.raises(UserError, match=r"^ema must be true or false"):
+        imgarena.train("sample", model="mlp", ema="yes", out_dir=str(out))
+    with pytest.raises(UserError, match=r"^models must be a non-empty list"):
+        imgarena.compare("sample", models=3, out=str(tmp_path / "cmp"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"^out_dir .*afile is a file, not a folder"):
+        imgarena.train("sample", model="mlp", epochs=1, out_dir=str(tmp_path / "afile"))
+    assert not out.exists()  # nothing was started
+
+
+def test_empty_batches_give_empty_lists(clf_and_files):
+    clf, _, _ = clf_and_files
+    assert clf.predict([]) == []
+    assert clf.predict(np.empty((0, 16, 16, 3), np.uint8)) == []
+    assert clf.predict(np.empty((0, 28, 28))) == []  # (N, H, W) with N = 0: still nothing to classify
+    assert clf.predict(torch.empty(0, 3, 16, 16)) == []

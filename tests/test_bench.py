@@ -66,7 +66,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--models", "mlpp"], "unknown model"),
-    (["--models", "mlp", "--batch-sizes", "1,x"], "integers"),
+    (["--models", "mlp", "--batch-sizes", "1,x"], "--batch-sizes must be a non-empty list of whole numbers"),
     (["--models", "mlp", "--modes", "fly"], "mode"),
 ])
 def test_cli_user_errors_exit_2(argv, needle, capsys):

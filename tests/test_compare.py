@@ -7,6 +7,7 @@ One compare of four entries runs once for the module: mixer_s4 with a bad archit
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,10 @@ def _rec(results, model):
     return next(r for r in results["models"] if r["model"] == model)
 
 
+def _run(results, model, seed=0):
+    return next(r for r in results["runs"] if r["model"] == model and r["seed"] == seed)
+
+
 def _history(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -60,13 +65,23 @@ def test_writes_every_file_with_one_row_per_model(compared):
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == MODELS
     assert [r["status"] for r in rows] == ["failed", "ok", "ok", "ok"]
+    for name in ("models.csv", "pairwise.csv", "figures/runs.png"):
+        assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
     for m in MODELS:
         assert f"| {m} |" in md
     html = (out / "report.html").read_text()
-    assert html.count("<tr class=") == len(MODELS)
-    # 2 compare figures + one confusion matrix per trained model, all inline
-    assert html.count('src="data:image/png;base64,') == 2 + len(OK)
+    assert html.count('data-model="') == len(MODELS)  # one row per model in the results table
+    assert html.count('data-run="') == len(MODELS)  # and one per run in the runs table (one seed)
+    # 3 compare figures (+ the disagreement images when the top two disagree anywhere) + the
+    # side-by-side explanation maps + one confusion matrix per trained model, all inline
+    dis = results["disagreements"]
+    shown = 1 if dis and (dis["only_a"] or dis["only_b"]) else 0
+    assert html.count('src="data:image/png;base64,') == 3 + shown + 1 + len(OK)
+    assert "<h2>Where each model looks</h2>" in html and "figures/explain.png" in md
+    assert (out / "figures" / "explain.png").is_file()
+    # a pairwise matrix of every pair, and no test split here, so final-epoch val acc ranks
+    assert len(results["pairwise"]) == 6 and "final epoch's val accuracy" in results["rule"]
     for m in OK:
         run = out / _rec(results, m)["run_dir"]
         for name in ("summary.json", "metrics.jsonl", "best.safetensors", "confusion_matrix.png", "config.yaml"):
@@ -77,7 +92,7 @@ def test_failing_model_is_recorded_and_the_others_go_on(compared):
     _, out, _, results = compared
     bad = _rec(results, "mixer_s4")
     assert bad["status"] == "failed" and "bogus_option" in bad["reason"]
-    assert bad["best_val_acc"] is None and bad["run_dir"] is None
+    assert bad["best_val_acc"] is None and bad["run_dir"] is None and bad["runs"] == 0
     assert all(_rec(results, m)["status"] == "ok" for m in OK)
     assert "failed: mixer_s4" in results["headline"]
 
@@ -85,15 +100,20 @@ def test_failing_model_is_recorded_and_the_others_go_on(compared):
 def test_records_match_the_runs_and_are_measured(compared):
     _, out, _, results = compared
     for m in OK:
-        r = _rec(results, m)
+        r = _run(results, m)
         run = out / r["run_dir"]
         hist = _history(run)
         accs = [h["val_acc"] for h in hist]
-        assert r["epochs"] == len(hist) == 2
+        assert r["epochs"] == len(hist) == 2 and r["epochs_trained"] == 2.0
         assert r["best_val_acc"] == max(accs) and r["final_val_acc"] == accs[-1]
+        # no test split: the ranked number is the final epoch's val accuracy (last.safetensors re-scored)
+        assert r["rank_split"] == "val" and r["rank_acc"] == pytest.approx(accs[-1])
+        row = _rec(results, m)
+        assert row["acc_mean"] == r["rank_acc"] and row["best_val_acc"] == r["best_val_acc"]
+        assert row["acc_ci"].startswith("Wilson") and row["acc_lo"] <= row["acc_mean"] <= row["acc_hi"]
         assert accs[r["best_epoch"] - 1] == r["best_val_acc"]
         assert r["best_val_top5"] is None  # 3 classes: top-5 does not apply
-        assert r["train_time_s"] == pytest.approx(hist[-1]["wall_time"])
+        assert r["train_time_s"] == pytest.approx(hist[-1]["train_time"]) and hist[-1]["train_time"] <= hist[-1]["wall_time"]
         assert r["train_img_s"] > 0 and r["time_per_epoch_s"] > 0 and r["infer_img_s"] > 0
         assert 0 < r["latency_p50_ms"] <= r["latency_p95_ms"]
         model, meta = load_model(run)
@@ -104,7 +124,9 @@ def test_records_match_the_runs_and_are_measured(compared):
     assert _rec(results, "mlp")["speed_vs_baseline"] == pytest.approx(1.0)
     mixer = _rec(results, "mixer_t4")
     assert mixer["speed_vs_baseline"] == pytest.approx(mixer["train_img_s"] / _rec(results, "mlp")["train_img_s"])
-    assert "than mlp" in results["headline"]
+    # the fastest other model against the baseline, judged by the spread of its epochs' throughputs
+    assert re.search(r"mlp_deep (trains [\d.]+x (faster|slower) than mlp|and mlp train at the same speed)", results["headline"])
+    assert "one measurement each" not in results["headline"]  # a single run's epochs give the speed spread
 
 
 def test_every_model_saw_the_same_split_and_conditions(compared):
@@ -143,6 +165,29 @@ def test_rerun_skips_finished_models_and_retrains_a_changed_one(compared, tmp_pa
     assert _rec(results, "mlp")["run_dir"] != old_mlp_run  # keyed on the resolved config
 
 
+def test_more_seeds_train_only_the_new_runs(compared, tmp_path, capsys):
+    folder, out, _, _ = compared
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    args = [a for a in compare_args(folder, copy) if a != "mixer_s4:model_kwargs={bogus_option: 1}"]
+    args[args.index("--set")] = "--seeds"
+    args.insert(args.index("--seeds") + 1, "2")
+    args[args.index("--models") + 1] = "mlp,mixer_t4"
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    # seed 0 of each model is the run the first compare made; only seed 1 trains
+    assert "mlp seed 0: already finished" in text and "mixer_t4 seed 0: already finished" in text
+    assert "mlp seed 1: training" in text and "mixer_t4 seed 1: training" in text
+    results = json.loads((copy / "results.json").read_text())
+    assert [(r["model"], r["seed"]) for r in results["runs"]] == [("mlp", 0), ("mixer_t4", 0), ("mlp", 1), ("mixer_t4", 1)]
+    assert all(m["runs"] == 2 for m in results["models"])
+    (pair,) = results["pairwise"]
+    assert pair["n_runs"] == 2 and "paired t over runs" in pair["method"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("already finished") == 4
+
+
 def test_user_mistakes_stop_before_training(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -153,6 +198,8 @@ def test_user_mistakes_stop_before_training(tmp_path, capsys):
     assert "--baseline" in capsys.readouterr().err
     assert main(["compare", str(folder), "--models", "mlp,mlpp", "--out", str(out)]) == 2
     assert "mlpp" in capsys.readouterr().err
+    assert main(["compare", str(folder), "--models", "mlp,mixer_t4", "--seeds", "0", "--out", str(out)]) == 2
+    assert "seeds" in capsys.readouterr().err
     assert not (out / "records").exists()
 
 
@@ -183,7 +230,7 @@ def test_ctrl_c_leaves_a_valid_partial_report_and_a_rerun_resumes(tmp_path, caps
     assert results["state"] == "interrupted"
     assert [r["status"] for r in results["models"]] == ["ok", "interrupted"]
     html = (out / "report.html").read_text()
-    assert "Partial report" in html and html.count("<tr class=") == 2
+    assert "Partial report" in html and html.count('data-model="') == 2
     run = next(out.glob("mixer_t4-*"))
     first_rows = _history(run)
     assert 0 < len(first_rows) < 10
@@ -196,7 +243,7 @@ def test_ctrl_c_leaves_a_valid_partial_report_and_a_rerun_resumes(tmp_path, caps
     # continued, not restarted: epoch 1 (in the saved state) is kept as it was
     assert len(rows) == 10 and rows[0] == first_rows[0] and [r["epoch"] for r in rows] == list(range(1, 11))
     results = json.loads((out / "results.json").read_text())
-    assert results["state"] == "complete" and _rec(results, "mixer_t4")["epochs"] == 10
+    assert results["state"] == "complete" and _run(results, "mixer_t4")["epochs"] == 10
 
 
 def test_recommended_recipe_changes_optimisation_but_not_the_conditions():

@@ -31,7 +31,7 @@ def test_get_bad_name_and_bad_out(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
     assert main(["data", "get", "sample", "--out", str(tmp_path / "full")]) == 2
-    assert "not an empty folder" in _one_line_error(capsys)
+    assert "already exists and is not empty" in _one_line_error(capsys)
 
 
 def test_inspect_reports_bad_files_imbalance_and_leaks(tmp_path, capsys):

@@ -29,7 +29,7 @@ class _Page(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.body, self.rows, self._in_results = {}, [], False
+        self.body, self.rows, self.pair_rows, self._in_results = {}, [], [], False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -39,6 +39,8 @@ class _Page(HTMLParser):
             self._in_results = a.get("id") == "results"
         elif tag == "tr" and self._in_results and "data-model" in a:
             self.rows.append(a["data-model"])
+        elif tag == "tr" and "data-row" in a:
+            self.pair_rows.append(a["data-row"])
 
     def handle_endtag(self, tag):
         if tag == "table":
@@ -66,10 +68,16 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     page = _Page()
     page.feed(r.stdout)
-    assert page.rows == MODELS
+    assert sorted(page.rows) == sorted(MODELS)  # ranked, best first
     # set by the report's own load handler after every image decoded (naturalWidth > 0)
     assert page.body.get("data-status") == "ok", page.body
-    assert page.body["data-images"] == str(2 + len(MODELS)) and page.body["data-broken-images"] == "0"
+    # runs, curves, accuracy-vs-time (+ the disagreement images when the two disagree) and a
+    # confusion matrix per model
+    shown = report.read_text().count('src="data:image/png;base64,')
+    assert shown >= 3 + len(MODELS)
+    assert page.body["data-images"] == str(shown) and page.body["data-broken-images"] == "0"
+    assert set(page.pair_rows) == set(MODELS)  # the pairwise matrix
+    assert "<h2>Where each model looks</h2>" in r.stdout  # the side-by-side explanation maps, decoded above
     console = [line for line in r.stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]
     assert console == []
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgarena.errors import UserError, parse_duration
+from imgarena.errors import UserError
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Prediction:
     class_names: list[str]
     source: str | None = None  # the file path, when the input was one
     error: str | None = None  # set (and label None) only with on_error="keep"
+    unknown: bool | None = None  # predict(min_prob=P): True when the top probability was below P (label "unknown")
 
     def topk(self, k: int = 3) -> list[tuple[str, float]]:
         """The k most likely (class name, probability)."""
@@ -41,7 +42,8 @@ class Prediction:
 
     def as_dict(self, k: int = 3) -> dict:
         return {"source": self.source, "label": self.label, "prob": self.prob,
-                "topk": [{"label": c, "prob": p} for c, p in self.topk(k)], "error": self.error}
+                "topk": [{"label": c, "prob": p} for c, p in self.topk(k)], "error": self.error,
+                **({} if self.unknown is None else {"unknown": self.unknown})}
 
 
 # ---------------------------------------------------------------- inputs -> uint8 (C, H, W)
@@ -101,10 +103,14 @@ def _split_inputs(x) -> tuple[list, bool]:
         return [s], False
     if _is_tensor(x):
         a = x.detach().cpu().numpy()
+        if a.size == 0:  # an empty batch, whatever its shape: nothing to classify
+            return [], True
         if a.ndim == 4:
             return [_array_image(img, True) for img in a], True
         return [_array_image(a, True)], False
     if isinstance(x, np.ndarray):
+        if x.size == 0:
+            return [], True
         if x.ndim == 4:
             return [_array_image(img, False) for img in x], True
         return [_array_image(x, False)], False
@@ -132,10 +138,11 @@ def image_decoder(preprocessing: dict):
 class Classifier:
     """A trained model plus what it needs to classify raw images: class names and preprocessing."""
 
-    def __init__(self, model, meta: dict, logits_fn, *, class_names: list[str]):
+    def __init__(self, model, meta: dict, logits_fn, *, class_names: list[str], temperature: float | None = None):
         self.model = model  # the plain nn.Module, in eval mode
         self.meta = meta
         self.class_names = class_names
+        self.temperature = temperature  # probabilities are softmax(logits / temperature); None: raw softmax
         self.preprocessing = dict(meta["preprocessing"])
         self._logits_fn = logits_fn
 
@@ -143,19 +150,26 @@ class Classifier:
         return (f"Classifier({self.meta['model']['name']}, {len(self.class_names)} classes, "
                 f"{self.preprocessing['img_size']}px x{self.preprocessing['channels']})")
 
-    def predict(self, x, *, batch_size: int = 64, workers: int = 0, on_error: str = "raise"):
+    def predict(self, x, *, batch_size: int = 64, workers: int = 0, on_error: str = "raise",
+                min_prob: float | None = None):
         """Classify one image or many: paths, folders, globs, PIL images, numpy arrays (H, W[, C]) or
         (N, H, W, C), tensors (C, H, W) or (N, C, H, W) with values in [0, 1] or [0, 255], or lists of these.
-        One image -> a Prediction; a list, folder, glob or 4-D batch -> a list of them.
+        One image -> a Prediction; a list, folder, glob or 4-D batch -> a list of them (an empty
+        list or an empty array -> []).
         on_error: "raise" (UserError naming the file) or "keep" (a Prediction with .error set).
+        min_prob: label "unknown" (and .unknown True) when the top probability is below it.
         """
-        from imgarena.predict import predict_probs
+        from imgarena.calibration import check_min_prob
+        from imgarena.predict import UNKNOWN, predict_probs
 
+        min_prob = check_min_prob(min_prob, "min_prob")
         if on_error not in ("raise", "keep"):
             raise ValueError(f"on_error must be 'raise' or 'keep', got {on_error!r}")
         items, many = _split_inputs(x)
+        if not items:
+            return []
         results = predict_probs(items, image_decoder(self.preprocessing), self._logits_fn, batch_size=batch_size,
-                                workers=workers, progress=False)
+                                workers=workers, progress=False, temperature=self.temperature)
         out = []
         for item, (probs, err) in zip(items, results):
             source = item if isinstance(item, str) else None
@@ -165,24 +179,30 @@ class Classifier:
                 out.append(Prediction(None, None, None, self.class_names, source, err))
                 continue
             i = int(np.argmax(probs))
-            out.append(Prediction(self.class_names[i], float(probs[i]), probs, self.class_names, source))
+            unsure = None if min_prob is None else float(probs[i]) < min_prob
+            out.append(Prediction(UNKNOWN if unsure else self.class_names[i], float(probs[i]), probs, self.class_names,
+                                  source, unknown=unsure))
         return out if many else out[0]
 
 
 def load(path, *, device: str = "auto", tta: str = "none", which: str = "best",
-         num_classes: int | None = None, amp: str = "auto") -> Classifier:
+         num_classes: int | None = None, amp: str = "auto", calibrated: bool = True) -> Classifier:
     """A Classifier from a run folder or .safetensors checkpoint.
 
+    `calibrated` (default): probabilities use the temperature fitted on val at the end of training;
+    False gives the raw softmax.
     `num_classes` other than the checkpoint's replaces the head with a fresh one (to fine-tune on
     another class count); class names then become "0".."n-1".
     """
-    from imgarena.predict import class_names_of, load_torch_predictor
+    from imgarena.predict import class_names_of, load_torch_predictor, model_temperature
 
     model, meta, fn = load_torch_predictor(path, device=device, amp=amp, tta=tta, which=which, num_classes=num_classes)
     names = class_names_of(meta)
+    temperature = model_temperature(meta, path, calibrated)
     if num_classes is not None and num_classes != len(names):
         names = [str(i) for i in range(num_classes)]
-    return Classifier(model, meta, fn, class_names=names)
+        temperature = None  # a fresh head: the stored temperature was fitted for the old one
+    return Classifier(model, meta, fn, class_names=names, temperature=temperature)
 
 
 # ---------------------------------------------------------------- train / compare
@@ -194,10 +214,12 @@ def _data_config(data, data_options: dict):
         base = to_dict(data)
     elif isinstance(data, dict):
         base = dict(data)
+    elif isinstance(data, (str, os.PathLike)):
+        base = {"source": os.fspath(data)}
     else:
-        base = {"source": str(data)}
+        raise UserError(f"data must be a folder, CSV, built-in name, DataConfig or PreparedData, not a {type(data).__name__}")
     base.update(data_options)
-    return from_dict(DataConfig, base, where="data")
+    return from_dict(DataConfig, base)
 
 
 def _split_options(options: dict, cls) -> tuple[dict, dict, dict]:
@@ -209,8 +231,6 @@ def _split_options(options: dict, cls) -> tuple[dict, dict, dict]:
     mine = {k: v for k, v in options.items() if k in own}
     data = {k: v for k, v in options.items() if k in data_keys}
     rest = {k: v for k, v in options.items() if k not in own and k not in data_keys}
-    if isinstance(mine.get("time_budget"), str):
-        mine["time_budget"] = parse_duration(mine["time_budget"])
     return mine, data, rest
 
 
@@ -225,13 +245,16 @@ def train(data="sample", model: str = "mixer_t4", *, progress: bool = True, **op
     Returns the run summary, including "run_dir"."""
     from imgarena.config import TrainConfig, from_dict
     from imgarena.engine.train import run_training
+    from imgarena.paths import ensure_writable_dir
 
     mine, data_opts, rest = _split_options(options, TrainConfig)
     _reject_unknown(rest, TrainConfig)
     prepared = _prepared(data)
     source = prepared.source if prepared is not None else data
-    cfg = from_dict(TrainConfig, {**mine, "model": model}, where="train")
-    cfg.data = _data_config(source, data_opts)
+    cfg = from_dict(TrainConfig, {**mine, "model": model, "data": _data_config(source, data_opts)})
+    ensure_writable_dir(cfg.out_dir, "out_dir")
+    if prepared is None:
+        ensure_writable_dir(cfg.data.cache_dir, "cache_dir")
     return run_training(cfg, data=prepared, progress=progress)
 
 
@@ -241,15 +264,18 @@ def compare(data="sample", models=None, *, progress: bool = True, **options) -> 
     field (lr=..., augment=...) which applies to every model."""
     from imgarena.comparison import run_compare
     from imgarena.config import CompareConfig, TrainConfig, from_dict
+    from imgarena.paths import ensure_writable_dir
 
     mine, data_opts, rest = _split_options(options, CompareConfig)
     _reject_unknown(rest, TrainConfig, also=CompareConfig)
     if models is not None:
-        mine["models"] = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
+        mine["models"] = models  # a list, or "a,b" (CompareConfig splits and checks it)
     if rest:
         mine["train"] = {**mine.get("train", {}), **rest}
-    cfg = from_dict(CompareConfig, mine, where="compare")
-    cfg.data = _data_config(data, data_opts)
+    cfg = from_dict(CompareConfig, {**mine, "data": _data_config(data, data_opts)})
+    ensure_writable_dir(cfg.data.cache_dir, "cache_dir")
+    if cfg.out is not None:
+        ensure_writable_dir(cfg.out, "out")
     return run_compare(cfg, progress=progress)
 
 

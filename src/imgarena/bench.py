@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from imgarena.config import BenchConfig
 from imgarena.engine.distributed import resolve_device
 from imgarena.engine.evaluate import autocast
-from imgarena.engine.train import AMP_MODES, resolve_amp
+from imgarena.config import AMP_MODES
+from imgarena.engine.evaluate import resolve_amp
 from imgarena.errors import UserError
 
 MB = 1024 * 1024

@@ -1,14 +1,26 @@
 """`imgarena compare`: train several architectures under identical conditions and report.
 
 Fairness: the data is loaded once (one cache, one split) and handed to every run; every model gets
-the same seed (so the same batch order), augmentation, batch size and budget. `recipe="recommended"`
+the same seeds (so the same batch orders), augmentation, batch size and budget. `recipe="recommended"`
 swaps in each family's optimisation settings (optimizer, lr, weight decay, schedule, ...) but never
 the conditions in HELD_EQUAL.
 
-Resumable: each model's record is keyed on its name plus a hash of its fully resolved TrainConfig
-and saved in `records/` when it finishes, so re-running the same command skips finished models and
-a changed option retrains only what it changes. The report is rewritten after every model and on
-Ctrl-C, so the folder always holds a valid (possibly partial) report.
+Runs: every model trains once per (seed, fold, repeat) in `run_plan` (`seeds` seeds on one split;
+`folds`/`repeats` plug in cross-validation folds, `data_for_run` being where a fold's split comes
+in). Runs go round by round (every model's seed 0, then every model's seed 1...), so an
+interrupted compare still holds matched runs. The verdicts come from `imgarena.stats`.
+
+Ranking: the held-out test accuracy of each run's selected (best val) checkpoint where the data
+has a test split, else the final epoch's val accuracy; best-over-epochs val accuracy is kept,
+labelled optimistic (it is selected on the very images it is measured on).
+
+Resumable: each run's record is keyed on its model name plus a hash of its fully resolved
+TrainConfig (seed included) and saved in `records/` when it finishes, so re-running the same
+command skips finished runs and a changed option retrains only what it changes. Per-image
+predictions of each run's ranked checkpoint are kept in `predictions/` (fingerprinted by the
+checkpoint file). results.json/csv are rewritten after every run, the full report after the first
+run, at round ends (at most once a minute) and on Ctrl-C, so the folder always holds a valid
+(possibly partial) report.
 """
 
 from __future__ import annotations
@@ -19,13 +31,15 @@ import hashlib
 import json
 import re
 import statistics
+import time
 import traceback
 from pathlib import Path
 
-from imgarena.checkpoint import atomic_write_text
+from imgarena import stats
+from imgarena.checkpoint import atomic_write, atomic_write_text
 from imgarena.config import CompareConfig, TrainConfig, from_dict, save_yaml, to_dict
 from imgarena.errors import UserError
-from imgarena.report import RESULT_FIELDS, format_table, headline, read_history, write_report
+from imgarena.report import RUN_FIELDS, format_table, headline, read_history, strip_images, write_report
 
 # TrainConfig fields that define "the same conditions": a recommended recipe may not change them.
 HELD_EQUAL = ("data", "img_size", "epochs", "time_budget", "batch_size", "augment", "mixup", "cutmix",
@@ -34,9 +48,13 @@ HELD_EQUAL = ("data", "img_size", "epochs", "time_budget", "batch_size", "augmen
 COMPARE_OWNED = ("data", "epochs", "time_budget", "batch_size", "seed", "device", "out_dir", "name", "model")
 
 INFER_BATCH = 64  # inference throughput batch size, as in the Mixer paper's throughput column
+RECORD_VERSION = 2  # records written before per-run statistics are measured again, not trusted
 # Excluded from a model's key: where things are written, not what is trained.
 _NOT_KEYED = ("out_dir", "name", "resume", "state_every")
 _NOT_KEYED_DATA = ("cache_dir", "workers")
+PREDICTIONS = "predictions"
+REPORT_EVERY_S = 60.0  # at most this often a mid-compare redraw of the report's figures
+DISAGREE_SHOWN = 12  # images drawn per direction in the report's disagreement figure
 
 
 # ---------------------------------------------------------------- configuration
@@ -123,12 +141,74 @@ def conditions_text(cfg: CompareConfig, data) -> str:
     n_val = len(data.val) if data.val is not None else 0
     return (f"Same conditions for every model: {data.source} ({len(data.train)} train / {n_val} val images, "
             f"{len(data.classes)} classes, {data.img_size}px, {data.channels} channel(s)), split seed "
-            f"{cfg.data.split_seed}, seed {cfg.seed}, batch {cfg.batch_size}, budget {' or '.join(budget)} per model, "
+            f"{cfg.data.split_seed}, {_seeds_text(cfg)}, batch {cfg.batch_size}, budget {' or '.join(budget)} per model, "
             f"recipe {cfg.recipe}" + (f", shared options {shared}" if shared else "")
             + (f". Per-model options: {per}" if per else "") + ".")
 
 
-# ---------------------------------------------------------------- measuring one model
+def _seeds_text(cfg: CompareConfig) -> str:
+    runs = cfg.seeds * cfg.folds * cfg.repeats
+    seeds = f"seed {cfg.seed}" if cfg.seeds == 1 else f"seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}"
+    folds = f" x {cfg.folds} folds" + (f" x {cfg.repeats} repeats" if cfg.repeats > 1 else "") if cfg.folds > 1 else ""
+    return seeds + folds + (f" ({runs} runs per model)" if runs > 1 else "")
+
+
+# ---------------------------------------------------------------- the run plan
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training of one model. fold/repeat are 0 when the data's own split is used (folds=1)."""
+
+    model: str
+    seed: int
+    fold: int = 0
+    repeat: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """What matches runs of different models: same seed on the same split or fold."""
+        return (self.seed, self.fold, self.repeat)
+
+
+def run_plan(cfg: CompareConfig) -> list[RunSpec]:
+    """Every (model, seed, fold, repeat), round by round: all models' first run, then their second..."""
+    return [RunSpec(m, cfg.seed + s, f, r) for r in range(cfg.repeats) for f in range(cfg.folds)
+            for s in range(cfg.seeds) for m in cfg.models]
+
+
+def data_for_run(data, cfg: CompareConfig, spec: RunSpec):
+    """The PreparedData that `spec` trains and is scored on. folds=1: the loaded split itself.
+
+    folds>1: the fold's split of the same images, from the data layer's
+    `imgarena.data.folds.fold_data(data, folds=K, fold=i, repeat=r, seed=split_seed)`, which must
+    return a PreparedData whose val split is fold i of repeat r and whose `split_record` names it
+    (so every run folder says which images it validated on)."""
+    if cfg.folds == 1:
+        return data
+    from imgarena.data.folds import fold_data
+
+    return fold_data(data, folds=cfg.folds, fold=spec.fold, repeat=spec.repeat, seed=cfg.data.split_seed)
+
+
+def run_train_config(cfg: CompareConfig, spec: RunSpec, recipe: dict, out: Path) -> TrainConfig:
+    """The TrainConfig of one run: its model's config with the run's seed, in its own run folder."""
+    tc = dataclasses.replace(model_train_config(cfg, spec.model, recipe), seed=spec.seed, out_dir=str(out))
+    key = config_key(tc)
+    if cfg.folds > 1:  # the fold is part of what is trained
+        key = hashlib.sha1(f"{key}/{cfg.folds}/{spec.fold}/{spec.repeat}".encode()).hexdigest()[:10]
+        tc.name = f"{slug(spec.model)}-f{spec.fold}r{spec.repeat}-{key}"
+    else:  # with seeds=1 the same name as before repeats existed, so older compare folders resume
+        tc.name = f"{slug(spec.model)}-{key}"
+    return tc
+
+
+def _validate_design(cfg: CompareConfig) -> None:
+    if cfg.repeats > 1 and cfg.folds == 1:
+        raise UserError("--repeats reshuffles cross-validation folds: use it with --folds K (K >= 2); "
+                        "for several runs on one split use --seeds N")
+
+
+# ---------------------------------------------------------------- measuring one run
 
 def record_from_history(history: list[dict]) -> dict:
     """Accuracy, loss and timing columns from a run's metrics.jsonl rows."""
@@ -144,12 +224,102 @@ def record_from_history(history: list[dict]) -> dict:
         return statistics.median(vals) if vals else None
 
     return {
-        "epochs": len(history),
+        "epochs": len(history), "epochs_trained": stats.epochs_trained(history),
         "best_val_acc": best["val_acc"], "best_epoch": best.get("epoch"), "best_val_loss": best.get("val_loss"),
         "best_val_top5": best.get("val_top5"), "final_val_acc": last["val_acc"], "final_val_loss": last.get("val_loss"),
-        "train_time_s": history[-1].get("wall_time"), "time_per_epoch_s": median("epoch_time", full or history),
+        "train_time_s": history[-1].get("train_time", history[-1].get("wall_time")), "time_per_epoch_s": median("epoch_time", full or history),
         "train_img_s": median("train_img_s", history),
+        # per-epoch throughputs: the speed spread of a model that ran once
+        "epoch_img_s": [r["train_img_s"] for r in (full or history) if r.get("train_img_s")],
     }
+
+
+def ranked_split(data) -> tuple[str, str]:
+    """(split, checkpoint) the ranking metric is measured on: test + best where there is a test split,
+    else val + last (the final epoch's val accuracy)."""
+    return ("test", "best") if data.test is not None and len(data.test) else ("val", "last")
+
+
+def rank_rule(data) -> str:
+    split, _ = ranked_split(data)
+    if split == "test":
+        return (f"Models are ranked by held-out test accuracy ({len(data.test)} test images) of each run's "
+                "selected checkpoint (the epoch with the best val accuracy).")
+    return (f"Models are ranked by the final epoch's val accuracy ({len(data.val)} val images; the data has no "
+            "test split).")
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def run_predictions(out: Path, run_dir: Path, tc: TrainConfig, data) -> dict:
+    """{split, checkpoint, ids, targets, preds} of the run's ranked checkpoint on the ranked split.
+
+    Read from the compare folder's predictions/<run>.npz when its checkpoint fingerprint still
+    matches, else from the run's own predictions.npz (when the engine wrote one), else scored
+    here (one eval pass), and cached. Arrays are plain (no pickle)."""
+    import numpy as np
+
+    split, which = ranked_split(data)
+    ckpt = run_dir / f"{which}.safetensors"
+    fp = _fingerprint(ckpt)
+    cache = out / PREDICTIONS / f"{run_dir.name}.npz"
+    got = _read_npz(cache)
+    if got is not None and str(got.get("fingerprint")) == fp and str(got.get("split")) == split:
+        return {"split": split, "checkpoint": which, "ids": got["ids"], "targets": got["targets"], "preds": got["preds"]}
+    part = getattr(data, split)
+    own = _read_npz(run_dir / "predictions.npz")
+    prefix = f"{split}_{which}_"
+    if own is not None and f"{prefix}preds" in own and len(own[f"{prefix}preds"]) == len(part):
+        targets, preds = own[f"{prefix}targets"].astype(np.int64), own[f"{prefix}preds"].astype(np.int64)
+    else:
+        targets, preds = _score(run_dir, which, tc, part, data)
+    ids = np.asarray([str(p) for p in part.paths])
+    if not np.array_equal(targets, np.asarray(part.labels, np.int64)):
+        raise RuntimeError(f"{run_dir.name}: predictions are not aligned with the {split} split")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), ids=ids, targets=targets, preds=preds,
+                                             split=np.str_(split), checkpoint=np.str_(which), fingerprint=np.str_(fp)))
+    return {"split": split, "checkpoint": which, "ids": ids, "targets": targets, "preds": preds}
+
+
+def _read_npz(path: Path) -> dict | None:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError):
+        return None
+
+
+def _score(run_dir: Path, which: str, tc: TrainConfig, part, data):
+    from imgarena.checkpoint import load_model
+    from imgarena.data.loader import BatchLoader
+    from imgarena.engine.distributed import resolve_device
+    from imgarena.engine.evaluate import evaluate, resolve_amp
+
+    device = resolve_device(tc.device)
+    model, meta = load_model(run_dir, which=which, device=device)
+    loader = BatchLoader(part, tc.eval_batch_size, shuffle=False, seed=tc.seed, device=device, augment="none",
+                         mean=data.mean, std=data.std)
+    ev = evaluate(model, loader, num_classes=meta["num_classes"], device=device, amp=resolve_amp(tc.amp, device),
+                  return_outputs=True)
+    del model
+    return ev["targets"].astype("int64"), ev["preds"].astype("int64")
+
+
+def scores_from_predictions(pred: dict, num_classes: int) -> dict:
+    """The ranking metric, its evaluation size and per-class F1 of one run's predictions."""
+    from imgarena.evaluation import metrics
+
+    cm = metrics.confusion_matrix(pred["targets"], pred["preds"], num_classes)
+    n = int(len(pred["targets"]))
+    acc = float((pred["targets"] == pred["preds"]).mean()) if n else None
+    return {"rank_acc": acc, "rank_split": pred["split"], "n_eval": n,
+            "class_f1": [float(x) for x in metrics.per_class_report(cm)["f1"]]}
 
 
 def measure_speed(run_dir: Path, tc: TrainConfig) -> dict:
@@ -178,20 +348,10 @@ def measure_speed(run_dir: Path, tc: TrainConfig) -> dict:
             "peak_mem_mb": train["peak_mem_mb"]}
 
 
-def add_relative_speeds(records: list[dict], baseline: str | None) -> None:
-    """speed_vs_fastest = train img/s / the fastest's (1.00x = fastest); speed_vs_baseline = / baseline's."""
-    timed = [r for r in records if r.get("status") == "ok" and r.get("train_img_s")]
-    fastest = max((r["train_img_s"] for r in timed), default=None)
-    base = next((r["train_img_s"] for r in timed if r["model"] == baseline), None)
-    for r in records:
-        ok = r in timed
-        r["speed_vs_fastest"] = r["train_img_s"] / fastest if ok else None
-        r["speed_vs_baseline"] = r["train_img_s"] / base if ok and base else None
-
-
-def _empty_record(model: str, status: str, key: str = "", run_dir: str = "", reason: str = "") -> dict:
-    rec = dict.fromkeys(RESULT_FIELDS)
-    rec.update(model=model, status=status, key=key or None, run_dir=run_dir or None, reason=reason or None)
+def _empty_record(spec: RunSpec, status: str, key: str = "", run_dir: str = "", reason: str = "") -> dict:
+    rec = dict.fromkeys(RUN_FIELDS)
+    rec.update(model=spec.model, seed=spec.seed, fold=spec.fold, repeat=spec.repeat, status=status,
+               key=key or None, run_dir=run_dir or None, reason=reason or None, version=RECORD_VERSION)
     return rec
 
 
@@ -202,8 +362,9 @@ def run_state(run_dir: Path) -> str:
     return "resumable" if (run_dir / "state.pt").is_file() else "new"
 
 
-def _train_one(tc: TrainConfig, data, out: Path, progress: bool) -> dict:
-    """Train, resume, or (when only its record was lost) just measure one model; returns its record."""
+def _train_one(spec: RunSpec, tc: TrainConfig, data, out: Path, progress: bool, *, speed: bool) -> dict:
+    """Train, resume, or (when only its record was lost) just measure one run; returns its record.
+    `speed`: also time inference (once per model: the architecture, not the seed, sets it)."""
     import shutil
 
     run_dir = out / tc.name
@@ -217,78 +378,270 @@ def _train_one(tc: TrainConfig, data, out: Path, progress: bool) -> dict:
 
         run_training(tc, data=data, progress=progress)
     summary = json.loads((run_dir / "summary.json").read_text())
-    rec = _empty_record(tc.model, "ok", config_key(tc), run_dir.name)
-    rec.update(record_from_history(read_history(run_dir)))
-    rec.update(params=summary.get("params"), flops=summary.get("flops"))
-    rec.update(measure_speed(run_dir, tc))
+    history = read_history(run_dir)
+    rec = _empty_record(spec, "ok", config_key(tc), run_dir.name)
+    rec.update(record_from_history(history))
+    rec.update(params=summary.get("params"), flops=summary.get("flops"), test_acc=summary.get("test_acc"))
+    rec.update({k: summary.get(k) for k in ("temperature", "ece_before", "ece_after")})  # imgarena.calibration
+    rec.update(scores_from_predictions(run_predictions(out, run_dir, tc, data), len(data.classes)))
+    flag = stats.undertrained(history, len(data.val), train_time_s=summary.get("train_time_s") or rec["train_time_s"])
+    rec.update(undertrained=flag["undertrained"], undertrained_reason=flag["reason"],
+               needed_epochs=flag["needed_epochs"], needed_s=flag["needed_s"])
+    if speed:
+        rec.update(measure_speed(run_dir, tc))
     return rec
+
+
+# ---------------------------------------------------------------- per model and per pair
+
+def aggregate_model(model: str, runs: list[dict]) -> dict:
+    """One row per model: mean and 95% interval of the ranking metric over its ok runs, means of the
+    other columns (best-over-epochs val accuracy among them, labelled optimistic in the report)."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    statuses = [r.get("status") for r in runs]
+    status = ("ok" if ok and len(ok) == len(runs) else "some failed" if ok
+              else next((s for s in ("failed", "interrupted", "pending") if s in statuses), "pending"))
+    row = {"model": model, "status": status, "runs": len(ok), "runs_planned": len(runs)}
+    n_eval = ok[0].get("n_eval") if ok else None
+    ci = stats.mean_interval([r.get("rank_acc") for r in ok], n_eval=n_eval)
+    row.update(acc_mean=ci["mean"], acc_std=ci["std"], acc_lo=ci["lo"], acc_hi=ci["hi"], acc_ci=ci["method"],
+               rank_split=ok[0].get("rank_split") if ok else None, n_eval=n_eval)
+
+    def mean(key):
+        vals = [r[key] for r in ok if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        return statistics.fmean(vals) if vals else None
+
+    for key in ("best_val_acc", "final_val_acc", "test_acc", "best_val_loss", "best_val_top5", "epochs_trained",
+                "train_time_s", "time_per_epoch_s", "train_img_s", "infer_img_s", "latency_p50_ms",
+                "latency_p95_ms", "params", "flops", "peak_mem_mb", "temperature", "ece_before", "ece_after"):
+        row[key] = mean(key)
+    speeds = [r["train_img_s"] for r in ok if r.get("train_img_s")]
+    row["train_img_s_std"] = statistics.stdev(speeds) if len(speeds) >= 2 else None
+    flagged = [r for r in ok if r.get("undertrained")]
+    row["undertrained"] = bool(flagged)
+    if flagged:
+        row["undertrained_reason"] = f"{len(flagged)}/{len(ok)} runs: " + flagged[0]["undertrained_reason"]
+        needs = [r["needed_s"] for r in flagged if r.get("needed_s")]
+        row["needed_s"] = max(needs) if needs else None
+        row["needed_epochs"] = max((r["needed_epochs"] for r in flagged if r.get("needed_epochs")), default=None)
+    reasons = sorted({r["reason"] for r in runs if r.get("reason")})
+    row["reason"] = "; ".join(reasons) or None
+    f1 = [r["class_f1"] for r in ok if r.get("class_f1")]
+    row["class_f1"] = [statistics.fmean(col) for col in zip(*f1)] if f1 else None
+    row["run_dir"] = ok[0]["run_dir"] if ok else None
+    row["run_dirs"] = [r["run_dir"] for r in ok]
+    return row
+
+
+def add_relative_speeds(rows: list[dict], baseline: str | None) -> None:
+    """speed_vs_fastest = train img/s / the fastest's (1.00x = fastest); speed_vs_baseline = / baseline's."""
+    timed = [r for r in rows if r.get("runs") and r.get("train_img_s")]
+    fastest = max((r["train_img_s"] for r in timed), default=None)
+    base = next((r["train_img_s"] for r in timed if r["model"] == baseline), None)
+    for r in rows:
+        ok = r in timed
+        r["speed_vs_fastest"] = r["train_img_s"] / fastest if ok else None
+        r["speed_vs_baseline"] = r["train_img_s"] / base if ok and base else None
+
+
+def _speed_samples(runs: list[dict]) -> list[float]:
+    ok = [r for r in runs if r.get("status") == "ok" and r.get("train_img_s")]
+    if len(ok) >= 2:
+        return [r["train_img_s"] for r in ok]
+    return list(ok[0].get("epoch_img_s") or [ok[0]["train_img_s"]]) if ok else []
+
+
+def pairwise(models: list[str], runs: list[dict], predictions: dict[str, dict], *,
+             test_train_ratio: float | None = None) -> list[dict]:
+    """Every ordered pair (a, b) with a listed before b: stats.compare_pair of their matched runs,
+    the train-speed ratio, and Holm-adjusted p-values over the family of pairs."""
+    by_model: dict[str, dict] = {m: {} for m in models}
+    for r in runs:
+        if r.get("status") == "ok" and r["model"] in by_model:
+            pred = predictions.get(r["run_dir"])
+            correct = None if pred is None else (pred["targets"] == pred["preds"])
+            by_model[r["model"]][(r["seed"], r["fold"], r["repeat"])] = {
+                "acc": r["rank_acc"], "correct": correct, "ids": None if pred is None else pred["ids"]}
+    pairs = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            res = stats.compare_pair(by_model[a], by_model[b], test_train_ratio=test_train_ratio)
+            sp = stats.speed_ratio(_speed_samples([r for r in runs if r["model"] == a]),
+                                   _speed_samples([r for r in runs if r["model"] == b]))
+            pairs.append({"a": a, "b": b, **{k: v for k, v in res.items() if k != "tests"},
+                          "tests": [{k: v for k, v in t.items()} for t in res["tests"]],
+                          "speed_ratio": sp["ratio"], "speed_lo": sp["lo"], "speed_hi": sp["hi"], "speed_p": sp["p"]})
+    for p, adj in zip(pairs, stats.holm([p["p"] for p in pairs])):
+        p["p_holm"] = adj
+    return pairs
+
+
+def disagreements(a: str, b: str, runs: list[dict], predictions: dict[str, dict]) -> dict | None:
+    """Images one model gets right and the other wrong, each model's correctness taken as the
+    majority over its runs (ties count as wrong). None without per-image predictions."""
+    import numpy as np
+
+    votes: dict[str, dict] = {a: {}, b: {}}
+    info: dict = {}
+    for r in runs:
+        pred = predictions.get(r.get("run_dir")) if r.get("status") == "ok" else None
+        if pred is None or r["model"] not in votes:
+            continue
+        for i, (img, t, p) in enumerate(zip(pred["ids"].tolist(), pred["targets"].tolist(), pred["preds"].tolist())):
+            votes[r["model"]].setdefault(img, []).append(p)
+            info[img] = (t, i, pred["split"])
+    common = [img for img in votes[a] if img in votes[b]]
+    if not common:
+        return None
+
+    def majority(model, img):
+        preds = votes[model][img]
+        vals, counts = np.unique(preds, return_counts=True)
+        top = vals[counts.argmax()]
+        return int(top), bool(np.sum(np.asarray(preds) == info[img][0]) * 2 > len(preds))
+
+    only = {a: [], b: []}
+    for img in common:
+        (pa, ra), (pb, rb) = majority(a, img), majority(b, img)
+        if ra != rb:
+            only[a if ra else b].append({"id": img, "index": info[img][1], "split": info[img][2],
+                                         "target": info[img][0], "pred_a": pa, "pred_b": pb})
+    return {"a": a, "b": b, "n_images": len(common), "only_a": only[a], "only_b": only[b]}
 
 
 # ---------------------------------------------------------------- the comparison
 
-def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print) -> dict:
-    """Train and measure every model; returns the results written to results.json (plus "report")."""
+def explain_section(cfg: CompareConfig, records: dict, data, out: Path) -> list:
+    """The report's "Where each model looks" section: each model's map (its first run, on the first
+    fold's validation images) side by side for the same images. Drawn once, for the final report."""
+    from imgarena.engine.distributed import resolve_device
+    from imgarena.explain import explain_grid_for_report
+    from imgarena.report import explain_report_section
+
+    first = {}
+    for spec, r in records.items():
+        if r.get("status") == "ok" and r.get("run_dir") and spec.fold == 0 and spec.repeat == 0:
+            first.setdefault(spec.model, (spec, out / r["run_dir"]))
+    if not first:
+        return []
+    spec0 = next(iter(first.values()))[0]
+    path = explain_grid_for_report(out, {m: rd for m, (_, rd) in first.items()}, data_for_run(data, cfg, spec0),
+                                   n=8, device=resolve_device(cfg.device))
+    return [explain_report_section(path)] if path is not None else []
+
+
+def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_sections=None) -> dict:
+    """Train and measure every run; returns the results written to results.json (plus "report").
+
+    `extra_sections(results, compare_dir) -> list[report.ReportSection]` adds sections to the
+    report (e.g. side-by-side explanations) just before its configuration section."""
     from imgarena.bench import failure_reason
     from imgarena.data import load_data
 
     validate(cfg)
+    _validate_design(cfg)
     out = compare_dir(cfg)
     records_dir = out / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "compare.yaml")
 
     data = load_data(cfg.data, progress=progress)  # once: every model sees the same arrays
-    tcs = {m: model_train_config(cfg, m, recipe_overrides(cfg, m), out) for m in cfg.models}
-    records = {m: _empty_record(m, "pending", config_key(tc)) for m, tc in tcs.items()}
-    results = {"config": to_dict(cfg), "conditions": conditions_text(cfg, data), "state": "running",
-               "models": list(records.values())}
+    recipes = {m: recipe_overrides(cfg, m) for m in cfg.models}
+    plan = run_plan(cfg)
+    tcs = {spec: run_train_config(cfg, spec, recipes[spec.model], out) for spec in plan}
+    records = {spec: _empty_record(spec, "pending", config_key(tc)) for spec, tc in tcs.items()}
+    results = {"config": to_dict(cfg), "conditions": conditions_text(cfg, data), "rule": rank_rule(data),
+               "classes": list(data.classes), "state": "running"}
+    sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test) if data.test is not None else 0}
 
-    def publish(state: str) -> Path:
-        add_relative_speeds(list(records.values()), cfg.baseline)
-        results.update(state=state, models=list(records.values()), headline=headline(list(records.values()), cfg.baseline))
-        return write_report(out, results)
+    def publish(state: str, *, full: bool = True) -> Path:
+        runs = list(records.values())
+        preds = {}
+        for spec, r in records.items():
+            if r.get("status") == "ok":
+                try:
+                    preds[r["run_dir"]] = run_predictions(out, out / r["run_dir"], tcs[spec], data_for_run(data, cfg, spec))
+                except (OSError, UserError):  # the run folder went missing: its record stands, no per-image test
+                    pass
+        models = [aggregate_model(m, [r for r in runs if r["model"] == m]) for m in cfg.models]
+        add_relative_speeds(models, cfg.baseline)
+        pairs = pairwise(cfg.models, runs, preds,
+                         test_train_ratio=(sizes["val"] / sizes["train"]) if cfg.folds > 1 else None)
+        ranked = sorted((m for m in models if m.get("acc_mean") is not None), key=lambda m: -m["acc_mean"])
+        dis = disagreements(ranked[0]["model"], ranked[1]["model"], runs, preds) if len(ranked) >= 2 else None
+        if dis is not None and cfg.folds == 1:  # the images themselves, for the report's figure
+            for item in dis["only_a"][:DISAGREE_SHOWN] + dis["only_b"][:DISAGREE_SHOWN]:
+                item["image"] = getattr(data, item["split"]).images[item["index"]]
+        results.update(state=state, runs=runs, models=models, pairwise=pairs, disagreements=strip_images(dis),
+                       headline=headline(models, pairs, cfg.baseline))
+        return write_report(out, results, disagreement=dis, figures=full,
+                            sections=extra_sections(results, out) if (extra_sections and full) else ())
 
     current = None
+    n = len(plan)
+    speed_done: set[str] = set()
+    last_full = None
     try:
-        for i, (model, tc) in enumerate(tcs.items(), 1):
+        for i, spec in enumerate(plan, 1):
+            tc = tcs[spec]
+            label = spec.model + (f" seed {spec.seed}" if cfg.seeds > 1 else "") + (
+                f" fold {spec.fold + 1}/{cfg.folds}" + (f" repeat {spec.repeat + 1}" if cfg.repeats > 1 else "")
+                if cfg.folds > 1 else "")
             rec_path = records_dir / f"{tc.name}.json"
             saved = _read_record(rec_path)
-            if saved and saved.get("status") == "ok" and saved.get("run_dir") and (out / saved["run_dir"]).is_dir():
-                log(f"[{i}/{len(tcs)}] {model}: already finished ({saved['run_dir']}), skipped")
-                records[model] = saved
+            if (saved and saved.get("status") == "ok" and saved.get("version") == RECORD_VERSION
+                    and saved.get("run_dir") and (out / saved["run_dir"]).is_dir()):
+                log(f"[{i}/{n}] {label}: already finished ({saved['run_dir']}), skipped")
+                records[spec] = saved
+                if saved.get("infer_img_s") is not None:
+                    speed_done.add(spec.model)
                 continue
             action = {"new": "training", "resumable": "resuming", "finished": "measuring"}[run_state(out / tc.name)]
-            log(f"[{i}/{len(tcs)}] {model}: {action} -> {out / tc.name}")
-            current = model
+            log(f"[{i}/{n}] {label}: {action} -> {out / tc.name}")
+            current = spec
             try:
-                rec = _train_one(tc, data, out, progress)
-            except Exception as e:  # a model that fails must not stop the others
+                rec = _train_one(spec, tc, data_for_run(data, cfg, spec), out, progress,
+                                 speed=spec.model not in speed_done)
+                if rec.get("infer_img_s") is not None:
+                    speed_done.add(spec.model)
+            except Exception as e:  # a run that fails must not stop the others
                 reason = str(e) if isinstance(e, UserError) else failure_reason(e)
                 trace = records_dir / f"{tc.name}.error.txt"
                 atomic_write_text(trace, traceback.format_exc())
-                rec = _empty_record(model, "failed", config_key(tc), reason=reason)
-                log(f"[{i}/{len(tcs)}] {model}: FAILED ({reason}; traceback in {trace})")
+                rec = _empty_record(spec, "failed", config_key(tc), reason=reason)
+                log(f"[{i}/{n}] {label}: FAILED ({reason}; traceback in {trace})")
             finally:
                 _free_memory()
-            records[model] = rec
+            records[spec] = rec
             current = None
             atomic_write_text(rec_path, json.dumps(rec, indent=2, default=str) + "\n")
-            if i < len(tcs):  # after the last model the final report follows at once
-                publish("running")
+            if i < n:  # after the last run the final report follows at once
+                # results.json/csv after every run; the figures and pages (seconds of drawing) after the
+                # first run, then at a round's end at most every REPORT_EVERY_S, so that the report's
+                # cost does not grow with the number of seeds
+                round_done = i % len(cfg.models) == 0
+                full = last_full is None or (round_done and time.monotonic() - last_full >= REPORT_EVERY_S)
+                publish("running", full=full)
+                if full:
+                    last_full = time.monotonic()
     except KeyboardInterrupt:
-        # Ctrl-C: the finished models stay recorded (a re-run skips them); the report says what is missing.
+        # Ctrl-C: the finished runs stay recorded (a re-run skips them); the report says what is missing.
         if current is not None:
-            records[current] = _empty_record(current, "interrupted", config_key(tcs[current]), reason="interrupted (Ctrl-C)")
+            records[current] = _empty_record(current, "interrupted", config_key(tcs[current]),
+                                             reason="interrupted (Ctrl-C)")
         publish("interrupted")
         raise
 
     states = {r["status"] for r in records.values()}
+    user_sections = extra_sections
+    extra_sections = lambda res, folder: [*explain_section(cfg, records, data, folder),  # noqa: E731
+                                          *(user_sections(res, folder) if user_sections else [])]
     report = publish("complete" if states <= {"ok"} else "complete with failures")
     return {**results, "report": str(report), "compare_dir": str(out)}
 
 
 def _free_memory() -> None:
-    """Drop a finished or failed run's tensors (and cached CUDA blocks) before the next model starts."""
+    """Drop a finished or failed run's tensors (and cached CUDA blocks) before the next run starts."""
     import torch
 
     gc.collect()
@@ -304,8 +657,7 @@ def _read_record(path: Path) -> dict | None:
 
 
 def summary_table(results: dict) -> str:
-    """The terminal table printed at the end of `imgarena compare`."""
-    from imgarena.report import TABLE_COLUMNS
+    """The terminal table printed at the end of `imgarena compare`: one row per model."""
+    from imgarena.report import TERMINAL_COLUMNS, display_rows
 
-    cols = [c for c in TABLE_COLUMNS if c[0] not in ("final_val_acc", "best_val_loss", "latency_p95_ms")]
-    return format_table(results["models"], cols)
+    return format_table(display_rows(results["models"]), TERMINAL_COLUMNS)

@@ -9,6 +9,7 @@ needs only onnxruntime, numpy and Pillow). Parity is checked on real images, the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
@@ -20,12 +21,13 @@ import numpy as np
 from imgarena import __version__
 from imgarena.checkpoint import atomic_write, atomic_write_text, load_model, resolve_checkpoint
 from imgarena.config import ExportConfig
-from imgarena.data.images import BadImage, is_image_file, load_image, normalize, prepare_pil
+from imgarena.data.images import BadImage, is_image_file, normalize, prepare_pil
 from imgarena.errors import UserError
+from imgarena.model_card import read_summary, write_model_card
 from imgarena.onnx_predict import onnx_logits_fn, ort_session, sidecar_path
 from imgarena.predict import class_names_of, expand_inputs, path_decoder
 
-EXPORT_FORMATS = ("onnx", "torchscript")
+from imgarena.config import EXPORT_FORMATS  # noqa: E402,F401  (one copy of the choice list)
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET_RANGE = (13, 20)  # 13: the oldest with every op our families use; 20: torch's TorchScript-based exporter's newest
 PARITY_ATOL = 1e-4  # max |logit difference| allowed between the export and PyTorch
@@ -49,14 +51,28 @@ class ExportResult:
     sidecar: str
     format: str
     parity: Parity
+    quantization: dict | None = None  # --quantize int8: the check of <name>-int8.onnx against fp32
+    model_card: str | None = None  # README.md written beside the export
+
+    @property
+    def ok(self) -> bool:
+        """Parity holds and, when quantized, the int8 accuracy drop is within tolerance."""
+        return self.parity.ok and (self.quantization is None or self.quantization["ok"])
 
     def summary(self) -> str:
+        from imgarena.quantize import format_quantization
+
         p = self.parity
         size_mb = os.path.getsize(self.path) / 1e6
         verdict = "OK" if p.ok else f"FAILED (needs max |diff| <= {PARITY_ATOL:g} and every top-1 equal)"
-        return (f"exported {self.path} ({size_mb:.2f} MB) with {Path(self.sidecar).name} (class names, preprocessing)\n"
+        text = (f"exported {self.path} ({size_mb:.2f} MB) with {Path(self.sidecar).name} (class names, preprocessing)\n"
                 f"parity vs PyTorch on {p.n_images} images from {p.source}: max |logit diff| {p.max_abs_diff:.2e} "
                 f"(tolerance {PARITY_ATOL:g}), top-1 agrees {p.top1_agree}/{p.n_images}: {verdict}")
+        if self.quantization is not None:
+            text += "\n" + format_quantization(self.quantization)
+        if self.model_card:
+            text += f"\nmodel card: {self.model_card}"
+        return text
 
 
 # ---------------------------------------------------------------- parity images
@@ -202,6 +218,8 @@ def check_export_options(cfg: ExportConfig) -> None:
     lo, hi = OPSET_RANGE
     if not lo <= int(cfg.opset) <= hi:
         raise UserError(f"--opset {cfg.opset} is not supported: use {lo}..{hi} (default 17)")
+    if cfg.quantize and cfg.format != "onnx":
+        raise UserError(f"--quantize {cfg.quantize} needs --format onnx (onnxruntime quantizes ONNX graphs)")
 
 
 def default_out(ckpt: Path, model_name: str, fmt: str) -> Path:
@@ -214,6 +232,8 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     import torch
 
     check_export_options(cfg)
+    if cfg.quantize:  # batch-64 latency and calibration batches need it; the fp32 file gets it too
+        cfg = dataclasses.replace(cfg, dynamic_batch=True)
     ckpt = resolve_checkpoint(cfg.checkpoint, cfg.which)
     model, meta = load_model(ckpt, device="cpu")
     model = model.float().eval()
@@ -247,11 +267,26 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         "input": {"name": "input", "shape": ["batch" if cfg.dynamic_batch or cfg.format == "torchscript" else 1,
                                              pre["channels"], pre["img_size"], pre["img_size"]],
                   "dtype": "float32", "layout": "NCHW, normalized: (pixel / 255 - mean) / std"},
-        "output": {"name": "logits", "note": "apply softmax for probabilities"},
+        "output": {"name": "logits", "note": "probabilities: softmax(logits / calibration.temperature), or plain "
+                                             "softmax when calibration is null"},
+        "calibration": meta.get("calibration"),
         "opset": int(cfg.opset) if cfg.format == "onnx" else None,
         "source_checkpoint": str(ckpt),
         "parity": asdict(parity),
         "imgarena_version": __version__,
     }
     atomic_write_text(side, json.dumps(sidecar, indent=2) + "\n")
-    return ExportResult(str(out), str(side), cfg.format, parity)
+    files = [out.name]
+    quant = None
+    if cfg.quantize and parity.ok:
+        from imgarena.quantize import quantize_and_verify, quantized_path, run_images
+
+        quant = quantize_and_verify(out, pre, run_images(ckpt, meta, x_u8, source), max_acc_drop=cfg.max_acc_drop)
+        # parity (vs PyTorch) is the fp32 file's; the int8 file's own check against fp32 is "quantization"
+        q_side = {**sidecar, "file": quant["file"], "parity": {**asdict(parity), "of": out.name}, "quantization": quant}
+        atomic_write_text(sidecar_path(quantized_path(out)), json.dumps(q_side, indent=2) + "\n")
+        files.append(quant["file"])
+        sidecar = q_side
+    summary = read_summary(ckpt)
+    card = write_model_card(out.parent, sidecar, meta, summary, files=files)
+    return ExportResult(str(out), str(side), cfg.format, parity, quant, str(card))

@@ -18,8 +18,8 @@ from imgarena.config import PredictConfig
 from imgarena.data.images import normalize
 from imgarena.errors import UserError
 from imgarena.evaluation.tta import parse_tta
-from imgarena.predict import (PredictionRow, check_options, class_names_of, expand_inputs, make_rows, path_decoder,
-                              predict_probs)
+from imgarena.predict import (PredictionRow, check_options, class_names_of, expand_inputs, make_rows, model_temperature,
+                              path_decoder, predict_probs)
 
 
 def sidecar_path(model_path) -> Path:
@@ -43,6 +43,36 @@ def read_sidecar(model_path) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{side} is not an imgarena export sidecar ({e}): re-run `imgarena export`") from None
     return meta
+
+
+def check_sidecar(model_path, session, meta: dict) -> None:
+    """UserError naming the sidecar when it does not describe the model beside it: channels or image
+    size against the graph's input shape, class names / num_classes against its output width."""
+    side = sidecar_path(model_path)
+    pre = meta["preprocessing"]
+    problems = []
+    shape = list(session.get_inputs()[0].shape)
+    if len(shape) == 4:
+        c, h, w = shape[1:]
+        if isinstance(c, int) and c != int(pre["channels"]):
+            problems.append(f"channels {pre['channels']} but the model's input has {c}")
+        if all(isinstance(d, int) for d in (h, w)) and (h, w) != (int(pre["img_size"]),) * 2:
+            problems.append(f"img_size {pre['img_size']} but the model's input is {h}x{w}")
+    names = meta.get("class_names")
+    n_out = session.get_outputs()[0].shape[-1]
+    if names is not None and (not isinstance(names, list) or not all(isinstance(x, str) for x in names)):
+        problems.append("class_names is not a list of names")
+        names = None
+    counts = (("class names", len(names) if names is not None else None), ("num_classes", meta.get("num_classes")))
+    for what, n in counts:
+        if n is not None and isinstance(n_out, int) and n != n_out:
+            problems.append(f"{what}: {n}, but the model outputs {n_out} logits")
+    for key in ("mean", "std"):
+        if len(pre[key]) != int(pre["channels"]):
+            problems.append(f"{key} has {len(pre[key])} values for {pre['channels']} channels")
+    if problems:
+        raise UserError(f"{side} does not match {Path(model_path).name}: {'; '.join(problems)}. "
+                        "Keep the sidecar `imgarena export` wrote with this file, or re-run `imgarena export`")
 
 
 def ort_session(model_path, device: str = "auto"):
@@ -91,7 +121,10 @@ def predict_onnx(cfg: PredictConfig, *, progress: bool = True) -> list[Predictio
         raise UserError("--tta needs the PyTorch checkpoint: pass the run folder instead of the .onnx file")
     meta = read_sidecar(cfg.checkpoint)
     paths = expand_inputs(cfg.inputs)
-    fn = onnx_logits_fn(ort_session(cfg.checkpoint, cfg.device), meta["preprocessing"])
+    session = ort_session(cfg.checkpoint, cfg.device)
+    check_sidecar(cfg.checkpoint, session, meta)
+    fn = onnx_logits_fn(session, meta["preprocessing"])
     results = predict_probs(paths, path_decoder(meta["preprocessing"]), fn, batch_size=cfg.batch_size,
-                            workers=cfg.workers, progress=progress)
-    return make_rows(paths, results, class_names_of(meta), cfg.topk)
+                            workers=cfg.workers, progress=progress,
+                            temperature=model_temperature(meta, sidecar_path(cfg.checkpoint), cfg.calibrated))
+    return make_rows(paths, results, class_names_of(meta), cfg.topk, cfg.min_prob)

@@ -23,7 +23,6 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -36,6 +35,7 @@ from imgarena.errors import UserError
 FORMATS = ("table", "csv", "json")
 PROGRESS_MIN_ITEMS = 256  # smaller inputs finish before a bar would be useful
 PREFETCH_BATCHES = 2  # batches decoded ahead of the model
+UNKNOWN = "unknown"  # the label of a row whose top probability is below --min-prob
 
 
 @dataclass
@@ -45,9 +45,16 @@ class PredictionRow:
     path: str
     topk: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    min_prob: float | None = None  # --min-prob: below it the label is "unknown" (topk keeps the real classes)
+
+    @property
+    def unknown(self) -> bool:
+        return bool(self.topk) and self.min_prob is not None and self.topk[0][1] < self.min_prob
 
     @property
     def label(self) -> str | None:
+        if self.unknown:
+            return UNKNOWN
         return self.topk[0][0] if self.topk else None
 
     @property
@@ -55,13 +62,16 @@ class PredictionRow:
         return self.topk[0][1] if self.topk else None
 
     def as_dict(self) -> dict:
-        return {
+        d = {
             "path": self.path,
             "label": self.label,
             "prob": None if self.prob is None else round(self.prob, 6),
             "topk": [{"label": c, "prob": round(p, 6)} for c, p in self.topk],
             "error": self.error,
         }
+        if self.min_prob is not None:  # only with a threshold: rows without one keep their old shape
+            d["unknown"] = self.unknown
+        return d
 
 
 # ---------------------------------------------------------------- inputs
@@ -169,10 +179,12 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 
 def predict_probs(items, decode, logits_fn, *, batch_size: int = 64, workers: int = 0,
-                  progress: bool = True, desc: str = "predict") -> Iterator[tuple[np.ndarray | None, str | None]]:
+                  progress: bool = True, desc: str = "predict",
+                  temperature: float | None = None) -> Iterator[tuple[np.ndarray | None, str | None]]:
     """(probabilities (num_classes,), None) or (None, error) for each item, in input order.
 
-    `decode(item) -> uint8 (C, H, W)`; `logits_fn(uint8 (N, C, H, W)) -> logits (N, K)`.
+    `decode(item) -> uint8 (C, H, W)`; `logits_fn(uint8 (N, C, H, W)) -> logits (N, K)`;
+    probabilities are softmax(logits / temperature) (calibrated, see imgarena.calibration).
     """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
@@ -180,7 +192,7 @@ def predict_probs(items, decode, logits_fn, *, batch_size: int = 64, workers: in
     try:
         for batch in decoded_batches(items, decode, batch_size=batch_size, workers=default_workers(workers)):
             good = [a for a, _ in batch if a is not None]
-            probs = iter(softmax(logits_fn(np.stack(good))) if good else ())
+            probs = iter(softmax(scale_logits(logits_fn(np.stack(good)), temperature)) if good else ())
             for arr, err in batch:
                 yield (next(probs), None) if arr is not None else (None, err)
             if bar is not None:
@@ -190,15 +202,26 @@ def predict_probs(items, decode, logits_fn, *, batch_size: int = 64, workers: in
             bar.close()
 
 
+def scale_logits(logits: np.ndarray, temperature: float | None) -> np.ndarray:
+    return np.asarray(logits, dtype=np.float64) / temperature if temperature else logits
+
+
+def model_temperature(meta: dict, source, calibrated: bool = True) -> float | None:
+    """The stored calibration temperature when `calibrated`, else None (raw softmax)."""
+    from imgarena.calibration import temperature_of
+
+    return temperature_of(meta, source) if calibrated else None
+
+
 def topk_pairs(probs: np.ndarray, class_names: list[str], k: int) -> list[tuple[str, float]]:
     """The k most likely (class name, probability), ties broken by class index (stable)."""
     order = np.argsort(-probs, kind="stable")[:k]
     return [(class_names[i], float(probs[i])) for i in order]
 
 
-def make_rows(paths, results, class_names, topk: int) -> list[PredictionRow]:
-    return [PredictionRow(p, topk_pairs(pr, class_names, topk)) if err is None else PredictionRow(p, error=err)
-            for p, (pr, err) in zip(paths, results)]
+def make_rows(paths, results, class_names, topk: int, min_prob: float | None = None) -> list[PredictionRow]:
+    return [PredictionRow(p, topk_pairs(pr, class_names, topk), min_prob=min_prob) if err is None
+            else PredictionRow(p, error=err) for p, (pr, err) in zip(paths, results)]
 
 
 def class_names_of(meta: dict) -> list[str]:
@@ -223,7 +246,8 @@ def torch_logits_fn(model, preprocessing: dict, device, *, tta: str = "none", am
     import torch
 
     from imgarena.engine.evaluate import autocast
-    from imgarena.engine.train import AMP_MODES, resolve_amp
+    from imgarena.config import AMP_MODES
+    from imgarena.engine.evaluate import resolve_amp
     from imgarena.evaluation.tta import parse_tta, tta_logits
 
     tta = parse_tta(tta)
@@ -263,8 +287,9 @@ def predict_torch(cfg: PredictConfig, *, progress: bool = True) -> list[Predicti
     paths = expand_inputs(cfg.inputs)
     _, meta, logits_fn = load_torch_predictor(cfg.checkpoint, device=cfg.device, amp=cfg.amp, tta=cfg.tta, which=cfg.which)
     results = predict_probs(paths, path_decoder(meta["preprocessing"]), logits_fn, batch_size=cfg.batch_size,
-                            workers=cfg.workers, progress=progress)
-    return make_rows(paths, results, class_names_of(meta), cfg.topk)
+                            workers=cfg.workers, progress=progress,
+                            temperature=model_temperature(meta, cfg.checkpoint, cfg.calibrated))
+    return make_rows(paths, results, class_names_of(meta), cfg.topk, cfg.min_prob)
 
 
 def run_predict(cfg: PredictConfig, *, progress: bool = True) -> list[PredictionRow]:
@@ -294,7 +319,8 @@ def format_rows(rows: list[PredictionRow], fmt: str, topk: int | None = None) ->
         for r in rows:
             cells = [r.path]
             for i in range(topk):
-                cells += [r.topk[i][0], f"{r.topk[i][1]:.6f}"] if i < len(r.topk) else ["", ""]
+                name = r.label if i == 0 else r.topk[i][0] if i < len(r.topk) else ""  # "unknown" below --min-prob
+                cells += [name, f"{r.topk[i][1]:.6f}"] if i < len(r.topk) else ["", ""]
             w.writerow(cells + [r.error or ""])
         return buf.getvalue()
     if fmt == "table":
@@ -317,5 +343,6 @@ def _table(rows: list[PredictionRow]) -> str:
         if r.error is not None:
             lines.append(f"{path:<{width}}  ERROR: {r.error}")
         else:
-            lines.append(f"{path:<{width}}  " + "   ".join(f"{c} {p:.3f}" for c, p in r.topk))
+            guess = f"{UNKNOWN} (below {r.min_prob:g}): " if r.unknown else ""
+            lines.append(f"{path:<{width}}  {guess}" + "   ".join(f"{c} {p:.3f}" for c, p in r.topk))
     return "\n".join(lines) + "\n"

@@ -15,17 +15,9 @@ BENCH_COLUMNS = [
 ]
 
 
-def _int_list(text: str) -> list[int]:
-    from imgarena.errors import UserError
-
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as integers: use e.g. --batch-sizes 1,64") from None
-
-
 def register(sub) -> None:
     from imgarena.cli.common import add_command
+    from imgarena.config import AMP_MODES
 
     p = add_command(sub, "bench", "Measure train/inference throughput, latency, FLOPs, params and peak memory (no data needed).",
                     EXAMPLES, run)
@@ -36,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--modes", default="train,infer", help="train, infer or both (default train,infer)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    p.add_argument("--amp", default="auto", choices=list(AMP_MODES),
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on CUDA)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
@@ -47,17 +39,21 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from imgarena.bench import run_bench
-    from imgarena.config import BenchConfig, to_dict
+    from imgarena.cli.common import flags_for
+    from imgarena.config import BenchConfig, from_dict, to_dict
+    from imgarena.paths import check_output_file
     from imgarena.report import format_table, write_csv, write_json
 
-    cfg = BenchConfig(
-        models=[m.strip() for m in args.models.split(",") if m.strip()],
-        img_size=args.img_size, in_chans=args.in_chans, num_classes=args.num_classes,
-        batch_sizes=_int_list(args.batch_sizes), modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-        device=args.device, amp=args.amp, channels_last=args.channels_last,
-        warmup=1 if args.quick else args.warmup, repeats=3 if args.quick else args.repeats,
-    )
+    d = dict(models=args.models, img_size=args.img_size, in_chans=args.in_chans, num_classes=args.num_classes,
+             batch_sizes=args.batch_sizes, modes=args.modes, device=args.device, amp=args.amp,
+             channels_last=args.channels_last, warmup=1 if args.quick else args.warmup,
+             repeats=3 if args.quick else args.repeats)
+    cfg = from_dict(BenchConfig, d, flags=flags_for(d))
+    for option in ("json", "csv"):
+        if getattr(args, option):
+            check_output_file(getattr(args, option), f"--{option}")
+    from imgarena.bench import run_bench  # torch, once the options are good
+
     rows = run_bench(cfg, on_row=lambda r: print(f"  {r['model']} {r.get('mode', '')} batch {r.get('batch_size', '-')}: "
                                                   + (r["error"] if "error" in r else f"{r['img_s']:.1f} img/s"), flush=True))
     print()

@@ -41,6 +41,8 @@ def _usage(parser) -> int:
 def run_inspect(args) -> int:
     from imgarena.data.inspect import format_report, inspect_source
 
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: all cores), got {args.workers}")
     print(format_report(inspect_source(args.path, workers=args.workers)))
     return 0
 
@@ -54,13 +56,20 @@ def run_get(args) -> int:
         hint = closest_matches(args.name, BUILTINS)
         raise UserError(f"unknown built-in dataset {args.name!r}: choose one of {', '.join(BUILTINS)}"
                         + (f" (did you mean {hint[0]}?)" if hint else ""))
+    from imgarena.paths import ensure_writable_dir
+
     out = os.path.abspath(os.path.expanduser(args.out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"{out} already exists and is not an empty folder: pass a new --out folder")
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"--out {out} already exists and is not empty: pass a new or empty folder")
     parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise UserError(f"cannot create {out}: its parent folder {parent} does not exist")
-    counts = write_image_folder(load_builtin(args.name, default_cache_dir()), out, workers=args.workers)
+    if not os.path.lexists(parent):
+        raise UserError(f"--out {out}: its parent folder {parent} does not exist: create it first or pick another path")
+    ensure_writable_dir(out, "--out")  # a file in the way, read-only, full, ... -> one line
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: all cores), got {args.workers}")
+    cache = default_cache_dir()
+    ensure_writable_dir(cache, "the cache folder ($IMGARENA_CACHE)")
+    counts = write_image_folder(load_builtin(args.name, cache), out, workers=args.workers)
     print(f"wrote {args.name} to {out}: " + ", ".join(f"{s} {n}" for s, n in counts.items())
           + f" PNGs (try: imgarena data inspect {args.out})")
     return 0

@@ -17,17 +17,19 @@ imgarena eval runs/mixer_t4-20240101-120000 data/rice_test --out eval-rice --jso
 
 
 def register(sub) -> None:
+    from imgarena.config import AMP_MODES, CHECKPOINTS, EVAL_SPLITS
+
     p = add_command(sub, "eval", "score a trained model on a folder, labels CSV or built-in dataset", EXAMPLES, run)
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="run folder or .safetensors checkpoint")
     p.add_argument("data", metavar="DATA", help="image folder (class subfolders), labels .csv, or built-in name")
-    p.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run folder (default best)")
-    p.add_argument("--split", choices=["auto", "test", "val", "train", "all"], default="auto",
+    p.add_argument("--which", choices=list(CHECKPOINTS), default="best", help="checkpoint of a run folder (default best)")
+    p.add_argument("--split", choices=list(EVAL_SPLITS), default="auto",
                    help="auto (default): the test split when DATA has one, else every image")
     p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="MODE",
                    help="test-time augmentation: none, flip (when --tta is given alone), crop, flip-crop")
     p.add_argument("--batch-size", type=int, default=256, help="images per model call (default 256)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--amp", choices=list(AMP_MODES), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", default=None, metavar="DIR", help="also write eval.json, per_class.csv, confusion_matrix.png, errors.png")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of the text report")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/imgarena or $IMGARENA_CACHE)")
@@ -35,16 +37,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from imgarena.config import DataConfig, EvalConfig
-    from imgarena.engine.checkpoint_eval import evaluate_checkpoint, format_eval
+    from imgarena.cli.common import data_config_from_args, flags_for
+    from imgarena.config import EvalConfig, from_dict
+    from imgarena.paths import ensure_writable_dir
 
-    data = DataConfig(source=args.data)
-    if args.cache_dir:
-        data.cache_dir = args.cache_dir
-    if args.workers is not None:
-        data.workers = args.workers
-    cfg = EvalConfig(checkpoint=args.checkpoint, data=data, which=args.which, split=args.split,
-                     batch_size=args.batch_size, device=args.device, amp=args.amp, tta=args.tta, out=args.out)
+    data = data_config_from_args(args.data, args)  # only --cache-dir and --workers exist here
+    d = dict(checkpoint=args.checkpoint, data=data, which=args.which, split=args.split, batch_size=args.batch_size,
+             device=args.device, amp=args.amp, tta=args.tta, out=args.out)
+    cfg = from_dict(EvalConfig, d, flags={**flags_for(d), "checkpoint": "RUN_OR_CHECKPOINT"})
+    ensure_writable_dir(cfg.data.cache_dir, "--cache-dir")
+    if cfg.out is not None:
+        ensure_writable_dir(cfg.out, "--out")
+    from imgarena.engine.checkpoint_eval import evaluate_checkpoint, format_eval  # torch, once the options are good
+
     result = evaluate_checkpoint(cfg, progress=not args.json)
     if args.json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")

@@ -10,9 +10,9 @@ import argparse
 import os
 from pathlib import Path
 
-from imgarena.cli.common import add_command, add_data_args, data_config_from_args
-from imgarena.config import AUGMENT_PRESETS
-from imgarena.errors import UserError, parse_duration
+from imgarena.cli.common import add_command, add_data_args, data_config_from_args, flags_for
+from imgarena.config import AMP_MODES, AUGMENT_PRESETS, OPTIMIZERS, SCHEDULES
+from imgarena.errors import UserError
 
 EXAMPLES = """
 imgarena train data/rice --model mixer_t4 --img-size 32 --epochs 10
@@ -56,11 +56,11 @@ def register(sub) -> None:
     g.add_argument("--class-weights", choices=["auto", "none"], default=None, help="auto: weight the loss by inverse class frequency")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default=None, help="default adamw")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default adamw")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 adam/adamw, 0.1 sgd, x batch/256)")
     g.add_argument("--weight-decay", type=float, default=None, help="default 0.05 adamw, 0 adam, 5e-4 sgd (never on norms/biases/embeddings)")
     g.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
-    g.add_argument("--schedule", choices=["cosine", "step", "onecycle", "constant"], default=None, help="learning-rate schedule, per step (default cosine)")
+    g.add_argument("--schedule", choices=list(SCHEDULES), default=None, help="learning-rate schedule, per step (default cosine)")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length in epochs, fractions allowed (default 0)")
     g.add_argument("--step-size", type=int, default=None, help="step schedule: decay every N epochs (default 7)")
     g.add_argument("--gamma", type=float, default=None, help="step schedule: decay factor (default 0.1)")
@@ -81,7 +81,7 @@ def register(sub) -> None:
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=None, help="auto (default: CUDA when available), cpu, cuda, cuda:N")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--amp", choices=list(AMP_MODES), default=None, help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels-last memory format (convnets on GPU)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (slow start, off by default)")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None, help="deterministic algorithms (slower on GPU)")
@@ -93,8 +93,9 @@ def register(sub) -> None:
 
 
 def config_from_args(args):
-    """The one argparse -> TrainConfig conversion."""
-    from imgarena.config import TrainConfig, from_dict, load_yaml
+    """The one argparse -> TrainConfig conversion. A bad value is named as the user wrote it:
+    by its flag, or as KEY in the YAML file it came from."""
+    from imgarena.config import TrainConfig, from_dict, load_yaml, mapping_of
 
     base: dict = {}
     if args.resume:
@@ -103,35 +104,34 @@ def config_from_args(args):
             raise UserError(f"{run} is not a run folder (no config.yaml): pass runs/NAME written by `imgarena train`")
         if args.config:
             raise UserError("--resume continues a run with its own config.yaml: drop --config")
-        base = load_yaml(run / "config.yaml")
-        if args.data is not None and str(args.data) != str(base.get("data", {}).get("source")):
-            raise UserError(f"--resume {run}: the run trained on {base.get('data', {}).get('source')!r}, not "
+        where = str(run / "config.yaml")
+        base = load_yaml(where, TrainConfig)
+        source = mapping_of(base.get("data"), "data", where).get("source")
+        if args.data is not None and str(args.data) != str(source):
+            raise UserError(f"--resume {run}: the run trained on {source!r}, not "
                             f"{args.data!r}; drop DATA or start a new run")
         base.update(out_dir=str(run.parent), name=run.name, resume=True)
+        file_cfg = base
     else:
-        model = args.model or (load_yaml(args.config).get("model") if args.config else None) or TrainConfig.model
+        where = str(args.config) if args.config else None
+        file_cfg = load_yaml(args.config, TrainConfig) if args.config else {}
+        model = args.model or file_cfg.get("model") or TrainConfig.model
         if args.recipe == "recommended":
             from imgarena.recipes import recommended_recipe
 
-            base.update(recommended_recipe(model))
-        if args.config:
-            file_cfg = load_yaml(args.config)
-            base.update({k: v for k, v in file_cfg.items() if k != "data"})
-            base["data"] = file_cfg.get("data", {})
+            base.update(recommended_recipe(str(model)))
+        base.update(file_cfg)
     flags = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
-    if "time_budget" in flags:
-        flags["time_budget"] = parse_duration(flags["time_budget"])
-        if "epochs" not in flags and not (args.config and "epochs" in load_yaml(args.config)) and not args.resume:
-            base["epochs"] = 100_000  # train until the budget is spent; the schedule anneals by time
+    if "time_budget" in flags and "epochs" not in flags and "epochs" not in file_cfg and not args.resume:
+        base["epochs"] = 100_000  # train until the budget is spent; the schedule anneals by time
     if "model_kwargs" in flags:
         flags["model_kwargs"] = _yaml_mapping(flags["model_kwargs"], "--model-kwargs")
-    if flags.get("class_weights") == "none":
-        flags["class_weights"] = None
     base.update(flags)
-    if args.data is None and not base.get("data", {}).get("source"):
+    data = mapping_of(base.get("data"), "data", where)
+    if args.data is None and not data.get("source"):
         raise UserError("no data: pass DATA (a folder, labels .csv or built-in name such as sample), or --config/--resume")
-    base["data"] = data_config_from_args(args.data, args, base.get("data"))
-    return from_dict(TrainConfig, base, where=str(args.config or "options"))
+    base["data"] = data_config_from_args(args.data, args, data, where=where)
+    return from_dict(TrainConfig, base, where=where, flags=flags_for(flags))
 
 
 def _yaml_mapping(text: str, flag: str) -> dict:
@@ -147,9 +147,13 @@ def _yaml_mapping(text: str, flag: str) -> dict:
 
 
 def run(args) -> int:
+    from imgarena.paths import ensure_writable_dir
+
+    cfg = config_from_args(args)  # before importing torch: a bad option is reported at once
+    ensure_writable_dir(cfg.out_dir, "--out-dir" if args.out_dir or not args.config else f"out_dir in {args.config}")
+    ensure_writable_dir(cfg.data.cache_dir, "--cache-dir")
     from imgarena.engine.train import run_training
 
-    cfg = config_from_args(args)
     summary = run_training(cfg, progress=True)
     if int(os.environ.get("RANK", "0")) == 0:
         line = f"best val acc {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']}"

@@ -117,23 +117,90 @@ def load_fashion_mnist(cache_dir: str) -> Builtin:
         os.path.join(cache_dir, "datasets")))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10 python batches contain: dicts, lists, bytes, numbers and plain
+    numpy arrays. Any other global (os.system, builtins.eval, ...) is refused
+    before it is looked up, so a planted batch file cannot run code."""
+
+    def find_class(self, module, name):
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR-10 batch never contains")
+        return allowed()
+
+
+def _numpy_core(name: str):
+    def get():
+        try:
+            from numpy import _core as core  # numpy >= 2
+        except ImportError:  # pragma: no cover - numpy 1.x
+            from numpy import core
+        mod, attr = name.split(".")
+        return getattr(getattr(core, mod), attr)
+
+    return get
+
+
+def _codecs_encode():
+    import _codecs
+
+    return _codecs.encode
+
+
+# The globals numpy arrays pickle to. The originals (Python 2, numpy 1) reference numpy.core; numpy 2
+# writes numpy._core. Python 3 writes bytes in protocol 2 as _codecs.encode(str, "latin1"), and
+# protocol 5 arrays as _frombuffer(buffer, dtype, shape, order): both only build data.
+_CIFAR_GLOBALS = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _numpy_core("multiarray._reconstruct")
+       for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _numpy_core("numeric._frombuffer") for core in ("core", "_core")},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): _codecs_encode,
+}
+
+
+def load_cifar_batch(path) -> dict:
+    """One CIFAR-10 python batch (a pickled dict), read with the restricted unpickler."""
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+        raise UserError(f"{path} is not a valid CIFAR-10 python batch ({e}): refusing to load it; delete the "
+                        "folder and download the official cifar-10-python.tar.gz again") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a valid CIFAR-10 python batch (holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
 def read_cifar_dir(d) -> Builtin:
     d = Path(d)
 
-    def load(name):
-        with open(d / name, "rb") as f:
-            return pickle.load(f, encoding="bytes")  # the official CIFAR format is pickled dicts
+    def field(b: dict, key: bytes, path: Path):
+        if key not in b:
+            raise UserError(f"{path} is not a valid CIFAR-10 python batch (no {key.decode()!r} entry)")
+        return b[key]
 
     parts, files = {}, []
     for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
         xs, ys = [], []
         for n in names:
-            b = load(n)
-            xs.append(np.asarray(b[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(b[b"labels"], np.int64))
+            b = load_cifar_batch(d / n)
+            data, labels = field(b, b"data", d / n), field(b, b"labels", d / n)
+            try:
+                xs.append(np.asarray(data, np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(labels, np.int64).reshape(-1))
+            except (ValueError, TypeError) as e:  # wrong shape or element types
+                raise UserError(f"{d / n} is not a valid CIFAR-10 python batch ({e})") from None
+            if len(xs[-1]) != len(ys[-1]):
+                raise UserError(f"{d / n} is not a valid CIFAR-10 python batch ({len(xs[-1])} images but "
+                                f"{len(ys[-1])} labels)")
             files.append(str(d / n))
         parts[split] = (np.concatenate(xs), np.concatenate(ys))
-    classes = [c.decode() for c in load("batches.meta")[b"label_names"]]
+    meta = load_cifar_batch(d / "batches.meta")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in field(meta, b"label_names", d / "batches.meta")]
     return Builtin("cifar10", classes, parts, files)
 
 

@@ -8,6 +8,8 @@ the file and carry on.
 from __future__ import annotations
 
 import os
+import stat
+import struct
 import warnings
 
 import numpy as np
@@ -19,12 +21,33 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 MAX_PIXELS = 89_478_485
 BACKGROUND = 255  # transparent pixels are composited onto white, as image viewers show them
 
-RESIZE_MODES = ("squash", "crop")
+from imgarena.config import RESIZE_MODES  # noqa: E402,F401  (one copy of the choice list)
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
 class BadImage(Exception):
     """A file that cannot be used as an image; str(e) is the reason shown to the user."""
+
+
+# What Pillow raises for bytes it cannot decode (UnidentifiedImageError and "image file is
+# truncated" are OSErrors; plugins raise SyntaxError/ValueError/EOFError/struct.error on malformed
+# headers and chunks). Anything else (TypeError, IndexError, ...) is a bug and must surface as one.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+            (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"))
+
+
+def _check_regular(path) -> None:
+    """Reject anything but a regular file by stat alone: opening a FIFO blocks forever, a device
+    never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise BadImage(f"cannot read file ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL if test(mode)), "a special file")
+        raise BadImage(f"not a regular file ({kind})")
 
 
 def is_image_file(name: str) -> bool:
@@ -35,7 +58,11 @@ def is_image_file(name: str) -> bool:
 
 def _why_unopenable(path, e: Exception) -> str:
     try:
-        if os.path.getsize(path) == 0:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            empty = os.path.getsize(path) == 0
+        else:  # a file-like object (an upload, BytesIO): its length is where its end is
+            empty = path.seek(0, os.SEEK_END) == 0
+        if empty:
             return "empty file (0 bytes)"
     except OSError as err:
         return f"cannot read file ({err.strerror or err})"
@@ -44,20 +71,28 @@ def _why_unopenable(path, e: Exception) -> str:
     return f"cannot open ({e})"
 
 
-def open_image(path) -> Image.Image:
-    """Open `path` lazily (header only), rejecting empty files, non-images and decompression bombs."""
+def open_image(path, *, max_pixels: int | None = None) -> Image.Image:
+    """Open `path` (a file path or a file-like object) lazily, header only, rejecting special files
+    (FIFOs, devices), empty files, non-images and decompression bombs; `max_pixels` lowers the
+    bomb limit (a server's --max-pixels)."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        _check_regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage("decompression bomb (too many pixels)") from None
-    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+    except DECODE_ERRORS as e:  # UnidentifiedImageError is an OSError
         raise BadImage(_why_unopenable(path, e)) from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         img.close()
         raise BadImage(f"decompression bomb ({w}x{h} pixels exceeds {MAX_PIXELS})")
+    if max_pixels is not None and w * h > max_pixels:
+        img.close()
+        raise BadImage(f"too many pixels ({w}x{h} exceeds the limit of {max_pixels}, --max-pixels; "
+                       "a decompression bomb or a photo to shrink first)")
     if w < 1 or h < 1:
         img.close()
         raise BadImage(f"invalid size {w}x{h}")
@@ -157,9 +192,10 @@ def load_image(path, *, channels: int, img_size: int, resize: str = "squash") ->
     return decode_image(path, channels=channels, img_size=img_size, resize=resize)[0]
 
 
-def decode_image(path, *, channels: int, img_size: int, resize: str = "squash") -> tuple[np.ndarray, tuple]:
+def decode_image(path, *, channels: int, img_size: int, resize: str = "squash",
+                 max_pixels: int | None = None) -> tuple[np.ndarray, tuple]:
     """load_image plus what the file was: (array, (width, height, gray)) with EXIF rotation applied."""
-    img = open_image(path)
+    img = open_image(path, max_pixels=max_pixels)
     try:
         with img:
             img.load()  # Image.open is positioned on the first frame of a GIF / multi-page TIFF
@@ -172,7 +208,7 @@ def decode_image(path, *, channels: int, img_size: int, resize: str = "squash") 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage("decompression bomb (too many pixels)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
+    except DECODE_ERRORS as e:
         msg = str(e) or type(e).__name__
         if "truncated" in msg.lower():
             raise BadImage(f"truncated file ({msg})") from None

@@ -8,9 +8,11 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from imgarena.data.builtin import BUILTINS, load_builtin
 from imgarena.data.csvsource import read_csv
-from imgarena.data.images import BadImage, load_image, open_image
+from imgarena.data.images import DECODE_ERRORS, BadImage, load_image, open_image
 from imgarena.data.parallel import map_chunks
 from imgarena.data.scan import Listing, scan_folder
 from imgarena.errors import UserError
@@ -29,6 +31,9 @@ class Report:
     modes: Counter = field(default_factory=Counter)  # Pillow mode -> images
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     duplicates: list[list[str]] = field(default_factory=list)  # groups of identical files across splits
+    near_duplicates: list[list[str]] = field(default_factory=list)  # resized / re-encoded copies, largest first
+    near_duplicates_across: list[list[str]] = field(default_factory=list)  # of those, the groups spanning the data's own train/val/test parts
+    featureless: int = 0  # near-blank images, not checked for near-duplicates
     warnings: list[str] = field(default_factory=list)
     ignored: int = 0
 
@@ -47,7 +52,7 @@ def _check_file(path: str):
         return hashlib.sha1(data).hexdigest(), size, mode
     except BadImage as e:
         return str(e)
-    except Exception:  # report exactly what load_image would say about this file
+    except DECODE_ERRORS:  # report exactly what load_image would say about this file
         try:
             load_image(path, channels=3, img_size=8)
         except BadImage as e:
@@ -109,6 +114,27 @@ def _from_builtin(name: str, cache_dir: str) -> Report:
     return rep
 
 
+def _add_near_duplicates(rep: Report, source: str, cache_dir: str | None, workers: int, progress: bool) -> None:
+    """Near-duplicate groups over the decoded cache (the one training with default settings uses),
+    with the same detector every split uses."""
+    from imgarena.config import DataConfig, default_cache_dir
+    from imgarena.data import dedup
+    from imgarena.data.prepare import _load
+
+    data = _load(DataConfig(source=source, cache_dir=cache_dir or default_cache_dir(), workers=workers),
+                 progress=progress, min_classes=1)
+    pool = data.pool
+    if pool.groups is None:
+        return
+    part = np.zeros(len(pool.ids), np.int64)
+    for k, rows in enumerate(pool.parts.values()):
+        part[rows] = k
+    groups = dedup.groups_of(pool.groups)
+    rep.near_duplicates = [[pool.ids[i] for i in g] for g in groups]
+    rep.near_duplicates_across = [[pool.ids[i] for i in g] for g in groups if len(np.unique(part[g])) > 1]
+    rep.featureless = dedup.stored_featureless(pool.entry.path) or 0
+
+
 def _add_warnings(rep: Report) -> None:
     train = rep.counts.get("train", rep.counts.get("all", {}))
     nonzero = {c: n for c, n in train.items() if n}
@@ -124,6 +150,10 @@ def _add_warnings(rep: Report) -> None:
         ex = " == ".join(rep.duplicates[0][:2])
         rep.warnings.append(f"{len(rep.duplicates)} group(s) of identical files across splits would leak between "
                             f"train and val/test, e.g. {ex}")
+    if rep.near_duplicates_across:
+        rep.warnings.append(f"{len(rep.near_duplicates_across)} group(s) of near-duplicate images span the data's own "
+                            "train/val/test parts (a leak no split can undo: scores on val/test are inflated by "
+                            "them), e.g. " + " ~ ".join(rep.near_duplicates_across[0][:2]))
     if rep.bad_files:
         rep.warnings.append(f"{len(rep.bad_files)} unreadable file(s) will be skipped (listed above)")
 
@@ -140,6 +170,8 @@ def inspect_source(source: str, *, cache_dir: str | None = None, workers: int = 
         raise UserError(f"{src} is a file: pass a folder of class subfolders, a .csv of path,label, or a built-in name")
     else:
         rep = _from_listing(scan_folder(src), src, "folder", workers, progress)
+    if any(rep.counts[s] and sum(rep.counts[s].values()) for s in rep.counts):
+        _add_near_duplicates(rep, src, cache_dir, workers, progress)
     _add_warnings(rep)
     return rep
 
@@ -167,6 +199,16 @@ def format_report(rep: Report, max_listed: int = 20) -> str:
         lines += [f"  {p}: {r}" for p, r in rep.bad_files[:max_listed]]
         if len(rep.bad_files) > max_listed:
             lines.append(f"  … {len(rep.bad_files) - max_listed} more")
+    if rep.near_duplicates:
+        n_img = sum(len(g) for g in rep.near_duplicates)
+        lines += ["", (f"near-duplicates: {len(rep.near_duplicates)} group(s), {n_img} images (resized / re-encoded "
+                       "copies; every split keeps a group on one side)")]
+        lines += [f"  {' ~ '.join(g[:4])}" + (f" (+{len(g) - 4} more)" if len(g) > 4 else "")
+                  for g in rep.near_duplicates[:5]]
+        if len(rep.near_duplicates) > 5:
+            lines.append(f"  … {len(rep.near_duplicates) - 5} more groups")
+    if rep.featureless:
+        lines.append(f"featureless: {rep.featureless} near-blank image(s), not checked for near-duplicates")
     if rep.warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in rep.warnings]
     else:

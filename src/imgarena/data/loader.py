@@ -44,13 +44,16 @@ class BatchLoader:
     """Iterate (x float32 (B, C, H, W) normalised, y int64 (B,)) on `device`.
 
     shuffle: reshuffle every epoch (call set_epoch); drop_last: skip the last partial batch;
-    rank/world_size: this process's shard (every rank gets the same number of batches; the order is
-    padded by repeating samples when N is not divisible, as DistributedSampler does).
+    rank/world_size: this process's shard. pad=True (training): every rank gets the same number of
+    batches, the order padded by repeating samples when N is not divisible (as DistributedSampler
+    does), because DDP needs every rank to take the same steps. pad=False (evaluation): rank r gets
+    its own contiguous slice, so every sample is seen exactly once across ranks; shards may differ
+    by one sample, which is fine when the per-rank sums are all-reduced afterwards.
     """
 
     def __init__(self, split, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
                  device="cpu", augment: str = "none", mean=(0.5,), std=(0.5,), rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, prefetch: int = 2):
+                 channels_last: bool = False, prefetch: int = 2, pad: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if augment not in PRESETS:
@@ -60,7 +63,7 @@ class BatchLoader:
         self.images, self.labels = split.images, np.asarray(split.labels, np.int64)
         self.batch_size, self.shuffle, self.seed, self.drop_last = int(batch_size), shuffle, int(seed), drop_last
         self.device = torch.device(device)
-        self.augment, self.rank, self.world_size = augment, rank, world_size
+        self.augment, self.rank, self.world_size, self.pad = augment, rank, world_size, pad
         self.channels_last, self.prefetch = channels_last, max(1, prefetch)
         c = self.images.shape[1]
         mean, std = list(mean), list(std)
@@ -79,7 +82,15 @@ class BatchLoader:
     @property
     def samples_per_rank(self) -> int:
         n, w = len(self.labels), self.world_size
+        if not self.pad:
+            return len(self._shard(n))
         return n // w if self.drop_last else -(-n // w)
+
+    def _shard(self, n: int) -> range:
+        """pad=False: this rank's contiguous positions in the epoch order (sizes differ by at most 1)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Next iteration yields epoch `epoch`'s batches from batch index `start_step` on."""
@@ -91,6 +102,9 @@ class BatchLoader:
         epoch = self.epoch if epoch is None else epoch
         order = (np.random.default_rng(_mix_seed(self.seed, epoch, 0x0DE5)).permutation(n) if self.shuffle
                  else np.arange(n))
+        if not self.pad:
+            shard = self._shard(n)
+            return order[shard.start : shard.stop]
         total = self.samples_per_rank * self.world_size
         if total > n:  # pad by wrapping so every rank has as many samples
             order = np.concatenate([order, np.resize(order, total - n)])

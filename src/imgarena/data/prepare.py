@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from imgarena.config import DataConfig
+from imgarena.config import DataConfig, validate
 from imgarena.data import cache
 from imgarena.data.builtin import BUILTINS, Builtin, load_builtin
 from imgarena.data.csvsource import read_csv
-from imgarena.data.images import RESIZE_MODES, prepare_pil
+from imgarena.data.images import prepare_pil
 from imgarena.data.parallel import progress_enabled
 from imgarena.data.scan import Listing, scan_folder
-from imgarena.data.split import stratified_split, stratified_subset
+from imgarena.data.split import group_stratified_folds, group_stratified_split, stratified_subset
 from imgarena.errors import UserError
 
 DEFAULT_IMG_SIZE = 224
@@ -24,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    images: np.ndarray  # uint8 (N, C, H, W), a read-only np.memmap into the cache
+    images: np.ndarray  # uint8 (N, C, H, W): a read-only cache.RowView of the cache's rows (or any array)
     labels: np.ndarray  # int64 (N,)
     paths: list[str]  # file paths, or ids like "fashion-mnist/train/123" for built-ins
 
@@ -48,6 +50,7 @@ class PreparedData:
     split_record: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cache_path: str = ""
+    pool: Pool | None = field(default=None, repr=False, compare=False)  # for re-splitting without the cache
 
     @property
     def num_classes(self) -> int:
@@ -58,41 +61,6 @@ class PreparedData:
         """What inference needs to reproduce training inputs (stored in checkpoints)."""
         return {"img_size": self.img_size, "channels": self.channels, "resize": self.resize,
                 "mean": list(self.mean), "std": list(self.std)}
-
-
-def _validate(cfg: DataConfig) -> None:
-    if cfg.resize not in RESIZE_MODES:
-        raise UserError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {cfg.resize!r}")
-    if cfg.channels not in (None, 1, 3):
-        raise UserError(f"channels must be 1 or 3 (or left unset for automatic), got {cfg.channels!r}")
-    if cfg.img_size is not None and not (isinstance(cfg.img_size, int) and 8 <= cfg.img_size <= 4096):
-        raise UserError(f"img_size must be a whole number of pixels between 8 and 4096, got {cfg.img_size!r}")
-    if not 0.0 < float(cfg.val_fraction) < 1.0:
-        raise UserError(f"val_fraction must be between 0 and 1, got {cfg.val_fraction!r}")
-    if cfg.subset is not None and int(cfg.subset) < 2:
-        raise UserError(f"subset must be at least 2 images, got {cfg.subset!r}")
-
-
-def _assign_splits(labels_by_split: dict[str, np.ndarray], cfg: DataConfig) -> dict[str, dict[str, np.ndarray]]:
-    """{"train"/"val"/"test": {source_part: indices}} from the parts a source provides.
-
-    A source without a val part gets a stratified, seeded val split carved out of its train (or
-    only) part; `subset` then thins the training part, stratified."""
-    base = "train" if "train" in labels_by_split else "all"
-    labels = labels_by_split[base]
-    out: dict[str, dict[str, np.ndarray]] = {}
-    if "val" in labels_by_split:
-        tr = np.arange(len(labels), dtype=np.int64)
-        out["val"] = {"val": np.arange(len(labels_by_split["val"]), dtype=np.int64)}
-    else:
-        tr, va = stratified_split(labels, float(cfg.val_fraction), int(cfg.split_seed))
-        out["val"] = {base: va}
-    if cfg.subset is not None and cfg.subset < len(tr):
-        tr = tr[stratified_subset(labels[tr], int(cfg.subset), int(cfg.split_seed))]
-    out["train"] = {base: tr}
-    if "test" in labels_by_split:
-        out["test"] = {"test": np.arange(len(labels_by_split["test"]), dtype=np.int64)}
-    return {k: out[k] for k in SPLITS if k in out}
 
 
 def _warn(msg: str) -> None:
@@ -139,19 +107,16 @@ def _relative(path: str, root: str) -> str:
 
 
 def _files_data(listing: Listing, cfg: DataConfig, *, progress: bool, kind: str) -> PreparedData:
-    labels_by = {k: np.array([lab for _, lab in v], np.int64) for k, v in listing.splits.items()}
-    plan = _assign_splits(labels_by, cfg)
-    rows: list[tuple[str, int]] = []
-    sections: dict[str, int] = {}
-    for split, parts in plan.items():
-        for part, idx in parts.items():
-            rows += [listing.splits[part][i] for i in idx]
-        sections[split] = sum(len(i) for i in parts.values())
+    # Every file once, in listing order (the source's own parts one after another): the cache
+    # depends on the files and decode settings only, never on a split, fold or subset.
+    # An unsplit source's one part is its training pool, the same as a lone train/ folder.
+    parts = {("train" if name == "all" else name): len(rows) for name, rows in listing.splits.items()}
+    rows = [r for rows in listing.splits.values() for r in rows]
     paths = [p for p, _ in rows]
     labels = np.array([lab for _, lab in rows], np.int64)
     rel = [_relative(p, listing.root) for p in paths]
-    base = {"kind": kind, "files": rel, "labels": labels.tolist(), "stats": cache.file_stats(paths),
-            "resize": cfg.resize, "sections": sections, "root": listing.root}
+    base = {"kind": kind, "files": rel, "stats": cache.file_stats(paths), "resize": cfg.resize,
+            "parts": list(parts.items()), "root": listing.root}
     auto = cfg.img_size is None or cfg.channels is None
     # With automatic size/channels, a small alias file remembers what they resolved to, so an
     # unchanged dataset is found again without reading any image.
@@ -165,8 +130,8 @@ def _files_data(listing: Listing, cfg: DataConfig, *, progress: bool, kind: str)
             fill = cache.FileFill(paths, img_size=settings[0], channels=settings[1], resize=cfg.resize,
                                   workers=cfg.workers, progress=progress)
             entry = cache.build(cfg.cache_dir, key, n=len(rows), channels=settings[1], img_size=settings[0],
-                                sections=sections, fill=fill, meta={"source": cfg.source},
-                                extra=lambda: {"facts": _facts(fill.infos)})
+                                sections=parts, fill=fill, meta={"source": cfg.source},
+                                stats_section=_stats_part(parts), extra=lambda: {"facts": _facts(fill.infos)})
         return entry
 
     entry = get(resolved or _resolve_auto(cfg, _guess_facts(paths)))
@@ -178,35 +143,217 @@ def _files_data(listing: Listing, cfg: DataConfig, *, progress: bool, kind: str)
             stale, entry = entry.path, get(actual)
             cache.remove(stale)
         cache.write_alias(cfg.cache_dir, auto_key, (entry.meta["img_size"], entry.meta["channels"]))
-    return _assemble(entry, cfg, listing.classes, paths, labels, rel, listing.root, kind, listing.warnings)
+    return _prepare(entry, cfg, listing.classes, parts, paths, labels, rel, listing.root, kind, listing.warnings)
 
 
-def _assemble(entry: cache.CacheEntry, cfg, classes, paths, labels, ids, root, kind, warnings) -> PreparedData:
-    meta = entry.meta
-    bad_rows = {r: reason for r, reason in meta["bad"]}
-    keep = np.array([r for r in range(len(paths)) if r not in bad_rows], np.int64)
+def _stats_part(parts) -> str:
+    """Normalisation statistics come from the images training draws from: the source's train part
+    (all of it for an unsplit folder), the same for every split seed, fold and subset."""
+    return "train" if "train" in parts else next(iter(parts))
+
+
+@dataclass
+class Pool:
+    """Every listed file of a source, decoded once, and what splitting it needs; splits, folds and
+    subsets are index records made from this (`split_pool`), so they never touch the cache again."""
+
+    cfg: DataConfig
+    entry: cache.CacheEntry
+    classes: list[str]
+    parts: dict[str, np.ndarray]  # the source's own part (train/val/test/all) -> its rows (ascending)
+    labels: np.ndarray  # int64 per row
+    paths: list[str]  # per row
+    ids: list[str]  # per row: the path relative to the root, or "fashion-mnist/train/123" for built-ins
+    cache_row: np.ndarray  # per row: its row in the cache, -1 for unreadable files
+    root: str
+    kind: str
+    bad_files: list[tuple[str, str]]
+    groups: np.ndarray | None = None  # per row: group label (near-duplicates and group_by), None without groups
+    group_counts: dict = field(default_factory=dict)  # multi-member groups found by each source of groups
+
+
+def _chain_pairs(labels: np.ndarray) -> np.ndarray:
+    """Edges joining consecutive members of each label: their components are the label's groups."""
+    order = np.argsort(labels, kind="stable")
+    same = labels[order[1:]] == labels[order[:-1]]
+    return np.stack([order[:-1][same], order[1:][same]], 1)
+
+
+def _find_groups(pool: Pool, cfg: DataConfig) -> None:
+    """Set pool.groups: near-duplicates (cfg.dedup) joined with cfg.group_by's path groups."""
+    from imgarena.data import dedup
+
+    n = len(pool.labels)
+    edges, counts = [], {}
+    if cfg.dedup and len(pool.entry.images):
+        per_cache = dedup.entry_labels(pool.entry.path, pool.entry.images)
+        good = pool.cache_row >= 0
+        lab = np.arange(n, dtype=np.int64) + (int(per_cache.max()) + 1)  # unreadable files: alone
+        lab[good] = per_cache[pool.cache_row[good]]
+        edges.append(_chain_pairs(lab))
+        counts["near_duplicates"] = len(dedup.groups_of(lab))
+    if cfg.group_by:
+        rx = re.compile(cfg.group_by)
+        keys: dict[str, int] = {}
+        lab = np.arange(n, dtype=np.int64) + n  # no match: a group of its own
+        matched = 0
+        for i, rid in enumerate(pool.ids):
+            m = rx.search(rid.replace(os.sep, "/"))
+            if m:
+                lab[i] = keys.setdefault(m.group(1) if m.groups() and m.group(1) is not None else m.group(0), len(keys))
+                matched += 1
+        edges.append(_chain_pairs(lab))
+        counts["group_by"] = len(dedup.groups_of(lab))
+        counts["group_by_matched"] = matched
+    pool.group_counts = counts
+    pairs = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    pool.groups = dedup._components(n, pairs.astype(np.int64)) if len(pairs) else None
+
+
+def _leak_warnings(pool: Pool, cfg: DataConfig) -> list[str]:
+    """Groups that span parts the split keeps as they are (the source's own val or test): a leak
+    no split can undo, so it is reported."""
+    if pool.groups is None:
+        return []
+    side = np.zeros(len(pool.labels), np.int64)
+    names = {0: "train"}
+    fixed = ["test"] if (cfg.folds > 1 or "val" not in pool.parts) else ["val", "test"]
+    for k, name in enumerate(fixed, 1):
+        if name in pool.parts:
+            side[pool.parts[name]] = k
+            names[k] = name
+    if len(names) < 2:
+        return []
+    from imgarena.data.dedup import groups_of
+
+    span = [g for g in groups_of(pool.groups) if len(np.unique(side[g])) > 1]
+    if not span:
+        return []
+    kinds = "near-duplicate" + (" or --group-by" if cfg.group_by else "")
+    sides = sorted({names[int(s)] for g in span for s in np.unique(side[g])}, key=list(names.values()).index)
+    first = span[0]
+    ex = " ~ ".join(pool.ids[first[np.flatnonzero(side[first] == v)[0]]] for v in np.unique(side[first])[:2])
+    return [f"{len(span)} group(s) of {kinds} images span the source's own {' and '.join(sides)} parts (e.g. {ex}): "
+            f"scores on {'/'.join(s for s in sides if s != 'train')} are inflated by them; move or remove the copies "
+            "(`imgarena data inspect` lists them)"]
+
+
+def _plan(pool: Pool, cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """{"train"/"val"/"test": rows (ascending)} and what the record says about how they were made.
+
+    Without folds: the source's own val part when it has one, else a stratified, seeded, grouped
+    val split of its train (or only) part; `subset` then thins the training part, stratified.
+    With folds: the train and val parts (or the only part) are pooled, thinned by `subset`, and
+    cut into `folds` stratified, grouped folds (reshuffled per repeat); fold `fold` is val."""
+    parts, labels, seed = pool.parts, pool.labels, int(cfg.split_seed)
+    groups = pool.groups
+    info: dict = {}
+    if cfg.folds > 1:
+        base = np.sort(np.concatenate([parts[p] for p in ("train", "val", "all") if p in parts]))
+        base = base[pool.cache_row[base] >= 0]  # unreadable files take no place in a fold
+        if cfg.subset is not None and cfg.subset < len(base):
+            base = base[stratified_subset(labels[base], int(cfg.subset), seed)]
+        fold_of = group_stratified_folds(labels[base], None if groups is None else groups[base], int(cfg.folds),
+                                         seed, int(cfg.repeat))
+        train, val = base[fold_of != cfg.fold], base[fold_of == cfg.fold]
+        info = {"pool": [p for p in ("train", "val", "all") if p in parts], "fold_sizes": np.bincount(
+            fold_of, minlength=int(cfg.folds)).tolist()}
+    else:
+        if "val" in parts:
+            train, val = parts["train"], parts["val"]
+        else:
+            base = parts["train"] if "train" in parts else parts["all"]
+            tr, va = group_stratified_split(labels[base], None if groups is None else groups[base],
+                                            float(cfg.val_fraction), seed)
+            train, val = base[tr], base[va]
+        if cfg.subset is not None and cfg.subset < len(train):
+            train = train[stratified_subset(labels[train], int(cfg.subset), seed)]
+    out = {"train": train, "val": val}
+    if "test" in parts:
+        out["test"] = parts["test"]
+    return out, info
+
+
+def split_pool(pool: Pool, cfg: DataConfig, warnings=()) -> PreparedData:
+    """The PreparedData of `cfg`'s split, fold or subset of `pool` (no image is read)."""
+    plan, info = _plan(pool, cfg)
+    meta = pool.entry.meta
     splits: dict[str, Split] = {}
     record_splits: dict[str, list] = {}
-    for name, (start, count) in meta["sections"].items():
-        rows = keep[start : start + count]
-        splits[name] = Split(entry.images[start : start + count], labels[rows], [paths[r] for r in rows])
-        record_splits[name] = [ids[r] for r in rows]
-    bad_files = [(paths[r], reason) for r, reason in sorted(bad_rows.items())]
-    counts = {k: len(v) for k, v in splits.items()}
+    for name, rows in plan.items():
+        rows = rows[pool.cache_row[rows] >= 0]
+        splits[name] = Split(cache.RowView(pool.entry.images, pool.cache_row[rows]), pool.labels[rows],
+                             [pool.paths[r] for r in rows])
+        record_splits[name] = [pool.ids[r] for r in rows]
+    if cfg.folds > 1 and len(splits["val"]) == 0:
+        raise UserError(f"{cfg.source}: fold {cfg.fold} of {cfg.folds} is empty: the data has fewer than {cfg.folds} "
+                        "groups of images (near-duplicates and --group-by groups stay together): use fewer folds")
+    used = np.zeros(len(pool.labels), bool)
+    for rows in plan.values():
+        used[rows] = True
+    from imgarena.data.dedup import groups_of
+
+    groups = [] if pool.groups is None else [[pool.ids[i] for i in g if used[i]] for g in groups_of(pool.groups)]
+    root = pool.root
     record = {
-        "source": cfg.source, "kind": kind, "root": root, "classes": list(classes),
+        "source": cfg.source, "kind": pool.kind, "root": root, "classes": list(pool.classes),
         "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "subset": cfg.subset,
+        "folds": cfg.folds, "fold": cfg.fold, "repeat": cfg.repeat, **info,
+        "dedup": cfg.dedup, "group_by": cfg.group_by, "group_counts": dict(pool.group_counts),
         "img_size": meta["img_size"], "channels": meta["channels"], "resize": cfg.resize,
-        "counts": counts, "cache_key": os.path.basename(entry.path),
-        "bad_files": [[os.path.relpath(p, root) if root else p, r] for p, r in bad_files],
+        "counts": {k: len(v) for k, v in splits.items()}, "cache_key": os.path.basename(pool.entry.path),
+        "bad_files": [[os.path.relpath(p, root) if root else p, r] for p, r in pool.bad_files],
+        "groups": [g for g in groups if len(g) > 1],  # kept on one side; those spanning own parts are warned about
         "splits": record_splits,
     }
     return PreparedData(
-        source=cfg.source, classes=list(classes), channels=int(meta["channels"]), img_size=int(meta["img_size"]),
+        source=cfg.source, classes=list(pool.classes), channels=int(meta["channels"]), img_size=int(meta["img_size"]),
         resize=cfg.resize, train=splits["train"], val=splits["val"], test=splits.get("test"),
-        mean=tuple(meta["mean"]), std=tuple(meta["std"]), bad_files=bad_files, split_record=record,
-        warnings=list(warnings), cache_path=entry.path,
+        mean=tuple(meta["mean"]), std=tuple(meta["std"]), bad_files=list(pool.bad_files), split_record=record,
+        warnings=list(warnings), cache_path=pool.entry.path, pool=pool,
     )
+
+
+_GROUP_FIELDS = ("dedup", "group_by")
+
+
+def resplit(data: PreparedData, **changes) -> PreparedData:
+    """`data` with other split settings (split_seed, val_fraction, subset, folds, fold, repeat, and
+    dedup/group_by), made from the same decoded images: nothing is read or decoded again."""
+    pool = data.pool
+    if pool is None:
+        raise ValueError("this PreparedData was not made by load_data: it cannot be re-split")
+    allowed = {"split_seed", "val_fraction", "subset", "folds", "fold", "repeat", *_GROUP_FIELDS}
+    if set(changes) - allowed:
+        raise TypeError(f"resplit() takes only {', '.join(sorted(allowed))}, got {', '.join(sorted(set(changes) - allowed))}")
+    cfg = dataclasses.replace(pool.cfg, **changes)  # validated like any DataConfig
+    if any(getattr(cfg, k) != getattr(pool.cfg, k) for k in _GROUP_FIELDS):
+        pool = dataclasses.replace(pool, cfg=cfg)
+        _find_groups(pool, cfg)
+        warnings = [w for w in data.warnings if w not in _leak_warnings(data.pool, data.pool.cfg)]
+        warnings += _leak_warnings(pool, cfg)
+    else:
+        pool = dataclasses.replace(pool, cfg=cfg)
+        warnings = data.warnings
+    return split_pool(pool, cfg, warnings)
+
+
+def _prepare(entry: cache.CacheEntry, cfg, classes, parts: dict[str, int], paths, labels, ids, root, kind,
+             warnings) -> PreparedData:
+    meta = entry.meta
+    n = len(paths)
+    bad_rows = {int(r): reason for r, reason in meta["bad"]}
+    cache_row = np.full(n, -1, np.int64)
+    good = np.array([r not in bad_rows for r in range(n)], bool)
+    cache_row[good] = np.arange(int(good.sum()))
+    part_rows, start = {}, 0
+    for name, count in parts.items():
+        part_rows[name] = np.arange(start, start + count, dtype=np.int64)
+        start += count
+    bad_files = [(paths[r], reason) for r, reason in sorted(bad_rows.items())]
+    pool = Pool(cfg, entry, list(classes), part_rows, labels, list(paths), list(ids), cache_row, root, kind, bad_files)
+    _find_groups(pool, cfg)
+    return split_pool(pool, cfg, list(warnings) + _leak_warnings(pool, cfg))
 
 
 def _array_filler(arrays: list[np.ndarray], native_size: int, img_size: int, channels: int, resize: str):
@@ -240,57 +387,61 @@ def _array_filler(arrays: list[np.ndarray], native_size: int, img_size: int, cha
 
 
 def _builtin_data(b: Builtin, cfg: DataConfig) -> PreparedData:
-    labels_by = {k: y for k, (_, y) in b.parts.items()}
-    plan = _assign_splits(labels_by, cfg)
-    arrays, labels, ids, sections = [], [], [], {}
-    for split, parts in plan.items():
-        sections[split] = 0
-        for part, idx in parts.items():
-            x, y = b.parts[part]
-            arrays.append(x[idx])
-            labels.append(y[idx])
-            ids += [f"{b.name}/{part}/{i}" for i in idx]
-            sections[split] += len(idx)
+    parts = {name: len(y) for name, (_, y) in b.parts.items()}
+    arrays = [x for x, _ in b.parts.values()]
+    labels = np.concatenate([y for _, y in b.parts.values()]).astype(np.int64)
+    ids = [f"{b.name}/{name}/{i}" for name, count in parts.items() for i in range(count)]
     native_c, native = arrays[0].shape[1], arrays[0].shape[2]
     img_size = cfg.img_size or native
     channels = cfg.channels or native_c
     key = cache.make_key({
         "kind": "builtin", "name": b.name, "stats": cache.file_stats(b.files), "files": b.files,
-        "img_size": img_size, "channels": channels, "resize": cfg.resize, "sections": sections,
-        "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "subset": cfg.subset,
+        "img_size": img_size, "channels": channels, "resize": cfg.resize, "parts": list(parts.items()),
     })
     entry = cache.lookup(cfg.cache_dir, key) or cache.build(
-        cfg.cache_dir, key, n=len(ids), channels=channels, img_size=img_size, sections=sections,
-        fill=_array_filler(arrays, native, img_size, channels, cfg.resize), meta={"source": cfg.source})
-    return _assemble(entry, cfg, b.classes, ids, np.concatenate(labels), ids, "", "builtin", [])
+        cfg.cache_dir, key, n=len(ids), channels=channels, img_size=img_size, sections=parts,
+        fill=_array_filler(arrays, native, img_size, channels, cfg.resize), meta={"source": cfg.source},
+        stats_section=_stats_part(parts))
+    return _prepare(entry, cfg, b.classes, parts, ids, labels, ids, "", "builtin", [])
 
 
-def load_data(cfg: DataConfig, *, progress: bool = True, need_val: bool = True) -> PreparedData:
-    """Turn `cfg.source` into cached, split, ready-to-batch data. Unreadable files are listed in
-    `bad_files` and skipped (with one warning summary), never fatal. Training needs a non-empty val
-    split; evaluation (`need_val=False`) takes a folder of one image per class as it is."""
-    _validate(cfg)
+def _load(cfg: DataConfig, *, progress: bool = True, min_classes: int = 2) -> PreparedData:
+    """load_data without its checks and printed warnings (they are in the result)."""
+    validate(cfg)  # DataConfig checks itself when built; this also catches fields changed after that
     src = str(cfg.source)
     progress = progress_enabled(progress)
     if src in BUILTINS:
         data = _builtin_data(load_builtin(src, cfg.cache_dir), cfg)
     elif src.lower().endswith(".csv"):
-        data = _files_data(read_csv(src), cfg, progress=progress, kind="csv")
+        data = _files_data(read_csv(src, min_classes=min_classes), cfg, progress=progress, kind="csv")
     elif os.path.isfile(os.path.expanduser(src)):
         raise UserError(f"{src} is a file: pass a folder of class subfolders, a .csv of path,label, or a built-in name")
     elif os.path.exists(os.path.expanduser(src)) or os.sep in src or src.startswith("."):
-        data = _files_data(scan_folder(src), cfg, progress=progress, kind="folder")
+        data = _files_data(scan_folder(src, min_classes=min_classes), cfg, progress=progress, kind="folder")
     else:
         from imgarena.errors import closest_matches
 
         hint = closest_matches(src, BUILTINS)
         raise UserError(f"{src!r} is neither an existing folder/CSV nor a built-in dataset"
                         + (f" (did you mean {', '.join(hint)}?)" if hint else f"; built-ins: {', '.join(BUILTINS)}"))
-    for k in ("train", "val") if need_val else ("train",):
+    return data
+
+
+def load_data(cfg: DataConfig, *, progress: bool = True, need_val: bool = True, min_classes: int = 2) -> PreparedData:
+    """Turn `cfg.source` into cached, split, ready-to-batch data. Unreadable files are listed in
+    `bad_files` and skipped (with one warning summary), never fatal. Training needs a non-empty val
+    split and 2 classes; evaluation (`need_val=False, min_classes=1`) takes a folder of one image per
+    class, or new images of a single class, as it is."""
+    data = _load(cfg, progress=progress, min_classes=min_classes)
+    skipped = f" ({len(data.bad_files)} unreadable files skipped)" if data.bad_files else ""
+    for k in ("train", "val") if need_val else ():
         if len(getattr(data, k)) == 0:
-            skipped = f" ({len(data.bad_files)} unreadable files skipped)" if data.bad_files else ""
+            grouped = (" or near-duplicate / --group-by groups too few to split (see the split's groups)"
+                       if data.split_record.get("groups") else "")
             raise UserError(f"{cfg.source}: no usable {k} images{skipped}: add images (an automatic val split "
-                            "needs at least 2 images in a class)")
+                            f"needs at least 2 images in a class{grouped})")
+    if not need_val and not any(s is not None and len(s) for s in (data.train, data.val, data.test)):
+        raise UserError(f"{cfg.source}: no usable images{skipped}: add images to its class folders")
     for w in data.warnings:
         _warn(w)
     if data.bad_files:

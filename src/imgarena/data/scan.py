@@ -69,8 +69,9 @@ def _find_split_dir(root: str, names, children) -> str | None:
     return None
 
 
-def scan_folder(root: str) -> Listing:
-    """Listing of an image folder. Raises UserError when it is missing or has fewer than 2 classes."""
+def scan_folder(root: str, *, min_classes: int = 2) -> Listing:
+    """Listing of an image folder. Raises UserError when it is missing or has fewer than
+    `min_classes` classes (training needs 2; evaluating a model on new images of one class, 1)."""
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.exists(root):
         raise UserError(f"{root} does not exist: pass an image folder, a CSV of path,label, or a built-in name")
@@ -105,10 +106,11 @@ def scan_folder(root: str) -> Listing:
     for c in empty:
         warnings.append(f"class folder {os.path.join(class_root, c)} has no images; class {c!r} skipped")
     classes = [c for c in class_names if counts[c] > 0]
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         found = f"found {len(classes)} ({', '.join(classes)})" if classes else "found none"
+        need = f"{min_classes} class subfolders" if min_classes > 1 else "1 class subfolder"
         raise UserError(
-            f"{class_root} needs at least 2 class subfolders with images ({found}): "
+            f"{class_root} needs at least {need} with images ({found}): "
             "put each class's images in its own subfolder, e.g. DATA/cat/*.jpg DATA/dog/*.jpg"
         )
     index = {c: i for i, c in enumerate(classes)}

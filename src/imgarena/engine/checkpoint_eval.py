@@ -23,6 +23,7 @@ ERRORS_SHOWN = 36
 def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Metrics, confusion matrix, per-class report and unknown-class images as a JSON-able dict;
     with `cfg.out` also eval.json, per_class.csv, confusion_matrix.png and errors.png there."""
+    from imgarena import calibration
     from imgarena.checkpoint import load_model, resolve_checkpoint
     from imgarena.data import load_data
     from imgarena.data.loader import BatchLoader
@@ -45,7 +46,8 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
     names = [str(c) for c in meta["class_names"]]
     k = len(names)
     data = load_data(dataclasses.replace(cfg.data, img_size=int(pre["img_size"]), channels=int(pre["channels"]),
-                                         resize=pre.get("resize", "squash")), progress=progress, need_val=False)
+                                         resize=pre.get("resize", "squash")), progress=progress, need_val=False,
+                     min_classes=1)  # new images of one of the model's classes are a valid test set
 
     # Data labels -> the model's class indices, by class name (-1: a class the model never saw).
     index = {c: i for i, c in enumerate(names)}
@@ -75,6 +77,9 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
     probs = np.concatenate([o["probs"] for o in outs])
     targets = np.concatenate([o["targets"] for o in outs])
     preds = probs.argmax(1)
+    # What `predict` reports: probabilities with the stored temperature, thresholded by --min-prob.
+    temperature = calibration.temperature_of(meta, ckpt)
+    cal_probs = calibration.recalibrate(probs, temperature)
     cm = metrics.confusion_matrix(targets, preds, k)
     rep = metrics.per_class_report(cm)
     counts: dict[str, int] = {}
@@ -92,6 +97,9 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
         "missing_classes": [n for i, n in enumerate(names) if rep["support"][i] == 0],
         "bad_files": [{"path": p, "reason": r} for p, r in data.bad_files],
         "preprocessing": pre,
+        "calibration": {"temperature": temperature, "ece_uncalibrated": calibration.ece(probs, targets),
+                        "ece": calibration.ece(cal_probs, targets)},
+        "coverage": calibration.coverage_table(cal_probs, targets),
     }
     if cfg.out:
         _write_outputs(Path(cfg.out), result, cm, parts, probs, targets)
@@ -145,6 +153,16 @@ def format_eval(result: dict, *, max_unknown: int = 10) -> str:
              + f"   macro F1 {result['macro_f1']:.3f}", "", metrics.format_report(cm, result["class_names"])]
     if len(result["class_names"]) <= 20:
         lines += ["", metrics.format_confusion(cm, result["class_names"])]
+    cal = result.get("calibration")
+    if cal:
+        t = f"temperature {cal['temperature']:.3f}" if cal.get("temperature") else "no calibration stored"
+        lines += ["", f"calibration: {t}; expected calibration error {cal['ece']:.4f}"
+                  + (f" (uncalibrated {cal['ece_uncalibrated']:.4f})" if cal.get("temperature") else "")]
+    if result.get("coverage"):
+        from imgarena.calibration import format_coverage
+
+        lines += ["", "accuracy vs coverage (predict/serve --min-prob P labels rows below P 'unknown'):",
+                  format_coverage(result["coverage"])]
     if result["missing_classes"]:
         lines += ["", f"model classes with no images here: {', '.join(result['missing_classes'])}"]
     if result["unknown_images"]:

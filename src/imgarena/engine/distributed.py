@@ -33,23 +33,48 @@ class DistInfo:
         return self.world_size > 1
 
 
+def available_devices() -> list[str]:
+    """The devices this PyTorch can use here, for messages: cpu, cuda:0.., mps."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's CUDA device when available, else CPU; 'cuda' under torchrun -> cuda:LOCAL_RANK."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; pick a lower index")
+    """The one place a --device value becomes a torch.device (train, eval, predict, compare, bench).
+
+    'auto' -> this rank's CUDA device when available, else CPU; 'cuda' under torchrun ->
+    cuda:LOCAL_RANK. A device that does not exist here is a UserError naming what does."""
+    text = str(name or "auto").strip().lower()
+    if text == "auto":
+        text = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif text == "cuda":
+        text = f"cuda:{local_rank}"
+    have = available_devices()
+    kind = text.split(":", 1)[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name!r} not understood: use auto, cpu, cuda, cuda:N or mps "
+                        f"(available here: {', '.join(have)})")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} not understood: use auto, cpu, cuda, cuda:N or mps "
+                        f"(available here: {', '.join(have)})") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "mps":
+        if "mps" not in have:
+            raise UserError(f"--device {name}: Apple MPS is not available to this PyTorch (available here: "
+                            f"{', '.join(have)})")
         return dev
-    if name in ("cpu", "mps"):
-        return torch.device(name)
-    raise UserError(f"--device {name!r} not understood: use auto, cpu, cuda or cuda:N")
+    if f"cuda:{dev.index}" not in have:
+        seen = sum(n.startswith("cuda") for n in have)
+        raise UserError(f"--device {name}: " + (f"only {seen} CUDA GPU(s) visible" if seen else
+                                                 "no CUDA GPU is visible to PyTorch")
+                        + f" (available here: {', '.join(have)})")
+    return dev
 
 
 def setup(device: str = "auto") -> DistInfo:
@@ -102,11 +127,17 @@ def all_reduce_sums(info: DistInfo, values: dict[str, float]) -> dict[str, float
     return dict(zip(keys, t.tolist()))
 
 
-def any_rank(info: DistInfo, flag: bool) -> bool:
-    """True on every rank when `flag` is true on some rank (e.g. the time budget ran out)."""
+def rank0_value(info: DistInfo, value: float) -> float:
+    """Rank 0's `value` on every rank (one float64 broadcast; identity in one process). Used for the
+    training clock, so every rank derives the same time-based lr and stops at the same step."""
     if not info.enabled:
-        return bool(flag)
-    return all_reduce_sums(info, {"flag": 1.0 if flag else 0.0})["flag"] > 0
+        return float(value)
+    import torch.distributed as dist
+
+    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def broadcast_object(info: DistInfo, obj):

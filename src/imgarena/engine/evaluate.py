@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from imgarena.errors import UserError
 
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+from imgarena.config import AMP_MODES  # noqa: E402,F401  (one copy of the choice list)
 EVAL_SPLITS = ("auto", "test", "val", "train", "all")
 
 
@@ -42,11 +42,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.inference_mode()
 def evaluate(model, loader, *, num_classes: int, device, amp: torch.dtype | None = None,
-             return_outputs: bool = False, tta: str | None = None, limit: int | None = None) -> dict:
+             return_outputs: bool = False, tta: str | None = None) -> dict:
     """{loss, acc, top5 (None when num_classes <= 5), count, sums} and, with `return_outputs`,
     `probs` (N, K) float32, `preds` (N,) and `targets` (N,) numpy arrays in loader order.
-    `tta` averages logits over test-time-augmented views (imgarena.evaluation.tta); `limit` scores
-    only the first `limit` images (a distributed shard is padded with repeats at its end)."""
+    `tta` averages logits over test-time-augmented views (imgarena.evaluation.tta).
+
+    Every image the loader yields is scored once. Under torchrun give each rank an unpadded shard
+    (BatchLoader(pad=False)) and all-reduce `sums`: nothing in here is a collective, so ranks may
+    run different numbers of batches (pass the bare model, not its DDP wrapper)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -64,10 +67,6 @@ def evaluate(model, loader, *, num_classes: int, device, amp: torch.dtype | None
         forward = model
     try:
         for x, y in loader:
-            if limit is not None:
-                if count >= limit:
-                    break
-                x, y = x[: limit - count], y[: limit - count]
             with autocast(device, amp):
                 logits = forward(x)
             logits = logits.float()

@@ -1,5 +1,5 @@
 """One training epoch: forward under autocast, (soft-target) cross-entropy, gradient accumulation,
-clipping, optimizer and per-step schedule, EMA.
+clipping, optimizer and per-step schedule, EMA, and the stop on divergence (NaN/inf weights or loss).
 
 Exact resume rests on three rules kept here: every step reseeds the global RNG from
 (seed, epoch, batch, rank); mixup/cutmix draw from their own generator seeded the same way; and the
@@ -10,6 +10,7 @@ resumed at any optimizer step adds the same numbers in the same order as an unin
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from imgarena.engine.evaluate import autocast
 from imgarena.engine.state import step_seed
+from imgarena.errors import UserError
 
 
 @dataclass
@@ -83,23 +85,61 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, s: StepSettings) ->
     return F.cross_entropy(logits, target, weight=s.class_weights, label_smoothing=s.label_smoothing)
 
 
+class TrainingDiverged(UserError):
+    """The weights or the loss became NaN/inf. Nothing can be learned from there, so the run stops
+    before such weights are saved; the checkpoints of earlier epochs stay as they were."""
+
+
 class TrainClock:
-    """Seconds of training (carried across resumes) measured against an optional time budget."""
+    """Training seconds -- the steps only: evaluation, checkpoint writes and start-up do not count --
+    carried across resumes and measured against an optional time budget.
 
-    def __init__(self, budget: float | None = None, elapsed: float = 0.0):
+    The loop calls `update(seconds of this epoch's steps)` after every optimizer step. Under torchrun
+    `agree` turns each rank's own reading into rank 0's (one broadcast per step, only with a budget),
+    so every rank sets the same time-based lr -- DDP keeps the replicas equal only then -- and all
+    stop at the same step.
+    """
+
+    def __init__(self, budget: float | None = None, done: float = 0.0,
+                 agree: Callable[[float], float] | None = None):
         self.budget = budget
-        self.base = float(elapsed)
-        self.started = time.perf_counter()
+        self.done = float(done)  # training seconds of completed epochs
+        self.agree = agree if budget else None
+        self.seconds = self.done  # the latest reading, the same on every rank
 
-    @property
-    def elapsed(self) -> float:
-        return self.base + time.perf_counter() - self.started
+    def update(self, epoch_seconds: float) -> float:
+        t = self.done + epoch_seconds
+        self.seconds = self.agree(t) if self.agree is not None else t
+        return self.seconds
+
+    def end_epoch(self, epoch_seconds: float) -> None:
+        self.done += epoch_seconds
 
     def fraction(self) -> float:
-        return min(1.0, self.elapsed / self.budget) if self.budget else 0.0
+        return min(1.0, self.seconds / self.budget) if self.budget else 0.0
 
     def exceeded(self) -> bool:
-        return bool(self.budget) and self.elapsed >= self.budget
+        return bool(self.budget) and self.seconds >= self.budget
+
+
+def check_finite(model, step: int, losses: dict[str, float] | None = None) -> None:
+    """Raise TrainingDiverged when a weight, or one of `losses` ({"train loss": ...}), is NaN/inf.
+
+    Callers pass only values that are the same on every rank -- the weights (DDP keeps them equal)
+    and all-reduced losses -- so under torchrun all ranks stop at the same step. Checking the
+    weights costs one device->host sync, so the loop does it every `log_every` batches (where the
+    progress display syncs anyway) and at the epoch end; run_training also checks before every
+    state save and, with the epoch's train and val loss, before writing checkpoints.
+    """
+    bad = [f"the {name}" for name, v in (losses or {}).items() if not math.isfinite(v)]
+    if not bad:
+        params = list(model.parameters())
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return
+        bad = ["the weights"]
+    raise TrainingDiverged(
+        f"training diverged: {' and '.join(bad)} became NaN/inf by optimizer step {step}; the learning rate "
+        "is probably too high: lower --lr, add --clip-grad 1.0, or with --amp fp16 use --amp bf16 or --amp off")
 
 
 def train_one_epoch(model, loader, optimizer, schedule, s: StepSettings, *, epoch: int, meter: EpochMeter,
@@ -109,7 +149,8 @@ def train_one_epoch(model, loader, optimizer, schedule, s: StepSettings, *, epoc
 
     `on_step(global_step, meter)` runs after every optimizer step (state saving, time budget); it
     returns True to stop the epoch early. Its own duration is not counted as training time.
-    Returns the epoch summary plus `global_step` and `stopped` (True when cut short).
+    Returns the epoch summary plus `global_step` and `stopped` (True when cut short); raises
+    TrainingDiverged when the weights went NaN/inf.
     """
     model.train()
     meter.to(s.device)
@@ -129,13 +170,15 @@ def train_one_epoch(model, loader, optimizer, schedule, s: StepSettings, *, epoc
             x, target = mix_batch(x, y, s.num_classes, mixup_alpha=s.mixup, cutmix_alpha=s.cutmix,
                                   generator=mix_gen, label_smoothing=s.label_smoothing)
         boundary = (i + 1) % s.accum_steps == 0 or i + 1 == total
+        # The gradient is the mean over the group's micro-batches; the epoch's last group may be short.
+        group_size = min(s.accum_steps, total - (i - i % s.accum_steps))
         # DDP: skip the gradient all-reduce on accumulation micro-steps
         sync_ctx = no_sync() if (no_sync is not None and not boundary) else contextlib.nullcontext()
         with sync_ctx:
             with autocast(s.device, s.amp):
                 logits = model(x)
             loss = compute_loss(logits, target, s)
-            scaled = loss / s.accum_steps
+            scaled = loss / group_size
             (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
         with torch.no_grad():
             hard = target.argmax(1) if target.ndim == 2 else target
@@ -146,11 +189,17 @@ def train_one_epoch(model, loader, optimizer, schedule, s: StepSettings, *, epoc
         if boundary:
             _optimizer_step(model, optimizer, s)
             global_step += 1
-            schedule.apply(global_step, clock.fraction() if clock is not None else 0.0)
             if ema is not None:
                 ema.update(model)
-        now = time.perf_counter()
-        meter.time += now - tick
+        meter.time += time.perf_counter() - tick
+        if boundary:
+            time_frac = 0.0
+            if clock is not None:  # after this step's time is counted, so lr and budget include it
+                clock.update(meter.time)
+                time_frac = clock.fraction()
+            schedule.apply(global_step, time_frac)
+        if (i + 1) % s.log_every == 0:
+            check_finite(model, global_step)
         if console is not None and ((i + 1) % s.log_every == 0 or i + 1 == total):
             summ = meter.summary()
             console.update(i + 1 - shown, summ["loss"], summ["acc"], summ["img_s"])
@@ -161,6 +210,7 @@ def train_one_epoch(model, loader, optimizer, schedule, s: StepSettings, *, epoc
         tick = time.perf_counter()
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
+    check_finite(model, global_step)
     out = meter.summary()
     out.update(global_step=global_step, stopped=stopped, batches=meter.batches, total_batches=total)
     return out

@@ -15,8 +15,7 @@ from torch import nn
 
 from imgarena.errors import UserError
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "step", "onecycle", "constant")
+from imgarena.config import OPTIMIZERS, SCHEDULES  # noqa: E402,F401  (one copy of the choice lists)
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.1}
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "adam": 0.0, "sgd": 5e-4}
 REFERENCE_BATCH = 256
@@ -96,7 +95,8 @@ class Schedule:
         self.optimizer = optimizer
         self.kind = kind
         self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.total = max(1, self.steps_per_epoch * int(epochs))
+        self.epochs = int(epochs)
+        self.total = max(1, self.steps_per_epoch * self.epochs)
         warm = warmup_epochs * self.steps_per_epoch
         if kind == "onecycle" and warmup_epochs <= 0:
             warm = ONECYCLE_PCT * self.total
@@ -126,7 +126,35 @@ class Schedule:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "base_lrs": list(self.base_lrs), "total": self.total, "warmup": self.warmup}
+        return {"kind": self.kind, "base_lrs": list(self.base_lrs), "total": self.total, "warmup": self.warmup,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.base_lrs = [float(x) for x in state["base_lrs"]]
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue the saved plan. Returns what differs from it, for the resume message.
+
+        Exact resume: the saved step counts (steps_per_epoch, total, warmup) are restored, so the
+        lr curve is the one the run started with even if the loader's length comes out differently
+        (e.g. another number of torchrun ranks). The one deliberate change is the horizon: resumed
+        with another --epochs (`imgarena train --resume RUN --epochs 20` to train on), the anneal
+        is stretched to the new end -- same steps per epoch and warmup, total = steps_per_epoch *
+        epochs -- so the extra epochs get a real lr instead of the finished curve's zero. The peak
+        lr (base_lrs) and the kind follow the current config too: they equal the saved ones unless
+        --lr / --schedule were passed with --resume, and an explicit option is not ignored.
+        """
+        changes = []
+        self.steps_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))
+        self.warmup = int(state.get("warmup", self.warmup))
+        saved_epochs = int(state.get("epochs", self.epochs))
+        if saved_epochs == self.epochs:
+            self.total = int(state.get("total", self.total))
+        else:
+            self.total = max(1, self.steps_per_epoch * self.epochs)
+            changes.append(f"lr schedule stretched from {saved_epochs} to {self.epochs} epochs")
+        saved_lrs = [float(x) for x in state["base_lrs"]]
+        if len(saved_lrs) != len(self.base_lrs):
+            self.base_lrs = saved_lrs  # another parameter grouping: keep the run's own lrs
+        elif any(not math.isclose(a, b, rel_tol=1e-12) for a, b in zip(saved_lrs, self.base_lrs)):
+            changes.append(f"peak lr {saved_lrs[0]:.3g} -> {self.base_lrs[0]:.3g}")
+        if state.get("kind", self.kind) != self.kind:
+            changes.append(f"schedule {state['kind']} -> {self.kind}")
+        return changes

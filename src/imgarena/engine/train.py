@@ -4,11 +4,13 @@ setup -> data -> model -> optimizer -> resume -> epochs (train_one_epoch, evalua
 early stop, time budget) -> final artifacts. Everything a run leaves goes to `out_dir/name/`:
 config.yaml, metrics.csv/.jsonl, best/last.safetensors (+.json), state.pt, split.json, curves.png,
 confusion_matrix.png, per_class.csv, errors.png, summary.json and TensorBoard events in tb/.
-Under torchrun every rank trains its shard; only rank 0 writes.
+Under torchrun every rank trains its shard; only rank 0 writes, and only rank 0 holds the run
+folder's lock (one process per run folder, see run_lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -29,15 +31,18 @@ from imgarena.config import TrainConfig, save_yaml, to_dict
 from imgarena.engine import distributed
 from imgarena.engine.console import Console
 from imgarena.engine.ema import ModelEma
-from imgarena.engine.evaluate import AMP_MODES, evaluate, metrics_from_sums, resolve_amp
-from imgarena.engine.loop import EpochMeter, StepSettings, TrainClock, train_one_epoch
-from imgarena.engine.optim import (OPTIMIZERS, SCHEDULES, Schedule, build_optimizer, resolve_lr,
+from imgarena.engine.evaluate import evaluate, metrics_from_sums, resolve_amp
+from imgarena.engine.loop import EpochMeter, StepSettings, TrainClock, TrainingDiverged, check_finite, train_one_epoch
+from imgarena.engine.optim import (Schedule, build_optimizer, resolve_lr,
                                    resolve_weight_decay)
+from imgarena.engine.run_lock import RunLock
 from imgarena.engine.state import capture_rng, load_state, restore_rng, save_state
 from imgarena.errors import UserError
 
+# train_time: seconds of training steps so far (what --time-budget counts); wall_time: seconds since
+# the first epoch began, evaluation and checkpoint writes included; both carried across resumes.
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_time",
-                  "wall_time", "train_img_s")
+                  "train_time", "wall_time", "train_img_s")
 KILL_ENV = "IMGARENA_TEST_KILL_AT_STEP"  # tests: SIGKILL this process after that optimizer step
 SPLIT_IN_META_MAX = 8 << 20  # bigger split records live only in split.json (safetensors headers stay small)
 
@@ -49,23 +54,31 @@ def run_training(cfg: TrainConfig, *, data=None, progress: bool = True) -> dict:
     if cfg.deterministic:  # cuBLAS reads this when CUDA initialises, i.e. before the process group
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = distributed.setup(cfg.device)
+    lock = None
     try:
-        summary = _run(cfg, dist, data, progress)
+        run_dir, lock = _prepare_run_dir(cfg, dist)
+        summary = _run(cfg, dist, run_dir, data, progress)
         distributed.barrier(dist)  # every rank done before any tears the group down
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup(dist)
 
 
-def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> dict:
+def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, progress: bool) -> dict:
     # ------------------------------------------------------------------ setup
     device = dist.device
     amp = resolve_amp(cfg.amp, device)
     console = Console(progress and dist.is_main)
     _set_determinism(cfg.deterministic, device)
-    run_dir = _prepare_run_dir(cfg, dist)
 
     # ------------------------------------------------------------------ data
+    size = cfg.img_size or cfg.data.img_size
+    if data is None and size:  # refuse a model that cannot fit before decoding a single image
+        from imgarena.models import check_model_fits
+
+        check_model_fits(cfg.model, img_size=size, train_device=device, **cfg.model_kwargs)
     if data is None:
         data = _load_data(cfg, dist, progress)
     classes = list(data.classes)
@@ -78,7 +91,8 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
     from imgarena.models import create_model
 
     model = create_model(cfg.model, num_classes=num_classes, in_chans=data.channels, img_size=data.img_size,
-                         drop_path_rate=cfg.drop_path, pretrained=cfg.pretrained, **cfg.model_kwargs)
+                         drop_path_rate=cfg.drop_path, pretrained=cfg.pretrained, train_device=device,
+                         **cfg.model_kwargs)
     params, flops = _count(model, (data.channels, data.img_size, data.img_size))
     model.to(device)
     if cfg.channels_last:
@@ -96,7 +110,9 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
                   channels_last=cfg.channels_last)
     train_loader = BatchLoader(data.train, per_rank_batch, shuffle=True, seed=cfg.seed,
                                drop_last=len(data.train) >= 2 * cfg.batch_size, augment=cfg.augment, **common)
-    val_loader = BatchLoader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, augment="none", **common)
+    # Unpadded: every val image is scored exactly once across ranks (the per-rank sums are all-reduced).
+    val_loader = BatchLoader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, augment="none",
+                             pad=False, **common)
     lr = resolve_lr(cfg.optimizer, cfg.lr, cfg.batch_size * cfg.accum_steps)
     weight_decay = resolve_weight_decay(cfg.optimizer, cfg.weight_decay)
     optimizer = build_optimizer(model, cfg.optimizer, lr=lr, weight_decay=weight_decay, momentum=cfg.momentum)
@@ -120,7 +136,7 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
     # ------------------------------------------------------------------ resume
     start_epoch, global_step, meter = 0, 0, None
     best = {"val_acc": -1.0, "epoch": 0}
-    bad_epochs, history, elapsed, train_time, images_seen = 0, [], 0.0, 0.0, 0
+    bad_epochs, history, wall_before, train_time, images_seen = 0, [], 0.0, 0.0, 0
     # finished: a resumed run whose training is over (killed while writing its final artifacts):
     # only those are written.
     finished, stop_reason = False, None
@@ -128,7 +144,7 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
         st = load_state(run_dir)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
-        schedule.load_state_dict(st["schedule"])
+        replanned = schedule.load_state_dict(st["schedule"])
         if ema is not None and st.get("ema"):
             ema.load_state_dict(st["ema"])
         if scaler is not None and st.get("scaler"):
@@ -137,14 +153,16 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
         start_epoch, global_step = int(st["epoch"]), int(st["global_step"])
         meter = EpochMeter.from_state(st["meter"]) if st.get("meter") else None
         best, bad_epochs, history = dict(st["best"]), int(st["bad_epochs"]), list(st["history"])
-        elapsed, train_time, images_seen = float(st["elapsed"]), float(st["train_time"]), int(st["images_seen"])
-        finished = bool(start_epoch >= cfg.epochs or (cfg.time_budget and elapsed >= cfg.time_budget)
+        wall_before, train_time, images_seen = float(st["elapsed"]), float(st["train_time"]), int(st["images_seen"])
+        trained = train_time + (meter.time if meter is not None else 0.0)
+        finished = bool(start_epoch >= cfg.epochs or (cfg.time_budget and trained >= cfg.time_budget)
                         or (cfg.patience and bad_epochs >= cfg.patience))
         if finished and (run_dir / "summary.json").is_file():
             raise UserError(f"{run_dir} already finished ({st.get('stop_reason') or 'all epochs done'}): "
                             "pass a larger --epochs or --time-budget to train on, or start a new run")
         stop_reason = st.get("stop_reason") if finished else None
         console.info(f"resuming {run_dir} at epoch {start_epoch + 1}, batch {meter.batches if meter else 0}"
+                     + (f" ({'; '.join(replanned)})" if replanned else "")
                      if not finished else f"{run_dir}: training is done; writing its final artifacts")
     if dist.is_main:
         save_yaml(resolved, run_dir / "config.yaml")
@@ -162,18 +180,22 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
                 "scaler": scaler.state_dict() if scaler else None, "rng": capture_rng(device),
                 "epoch": epoch, "global_step": global_step,
                 "meter": meter_now.state_dict() if meter_now is not None else None,
-                "best": best, "bad_epochs": bad_epochs, "history": history, "elapsed": clock.elapsed,
-                "train_time": train_time, "images_seen": images_seen,  # completed epochs; meter holds the rest
+                "best": best, "bad_epochs": bad_epochs, "history": history, "elapsed": wall(),
+                "train_time": clock.done, "images_seen": images_seen,  # completed epochs; meter holds the rest
                 "stop_reason": stop_reason, "config": to_dict(resolved)}
 
     # ------------------------------------------------------------------ epochs
-    clock = TrainClock(cfg.time_budget, elapsed)
+    started = time.perf_counter()
+
+    def wall() -> float:  # wall seconds since training began (evaluation, checkpoints included), across resumes
+        return wall_before + time.perf_counter() - started
+
+    # The budget counts training steps only, on rank 0's clock (see TrainClock).
+    clock = TrainClock(cfg.time_budget, train_time, agree=lambda t: distributed.rank0_value(dist, t))
+    clock.update(meter.time if meter is not None else 0.0)
     schedule.apply(global_step, clock.fraction())
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     epochs_shown = None if cfg.time_budget and cfg.epochs >= 10_000 else cfg.epochs  # None: "until the budget"
-
-    def budget_spent() -> bool:  # every rank agrees, so all stop at the same step
-        return bool(cfg.time_budget) and distributed.any_rank(dist, clock.exceeded())
 
     for epoch in range(start_epoch, cfg.epochs if not finished else start_epoch):
         epoch_start = time.perf_counter()
@@ -184,31 +206,39 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
         def on_step(step: int, m: EpochMeter, epoch=epoch) -> bool:
             nonlocal global_step
             global_step = step
-            if cfg.state_every and step % cfg.state_every == 0 and dist.is_main:
-                save_state(run_dir, state(epoch, m))
+            if cfg.state_every and step % cfg.state_every == 0:
+                # a diverged model never reaches state.pt (one all-reduce per save: every rank agrees)
+                loss = distributed.all_reduce_sums(dist, {"loss": float(m.loss_sum), "seen": float(m.seen)})
+                with _keep_last_good(run_dir, history):
+                    check_finite(model, step, {"train loss": loss["loss"] / max(loss["seen"], 1.0)})
+                if dist.is_main:
+                    save_state(run_dir, state(epoch, m))
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real crash, for the resume test
-            return budget_spent()
+            return clock.exceeded()  # the same reading on every rank, so all stop at the same step
 
-        tr = train_one_epoch(train_model, train_loader, optimizer, schedule, settings, epoch=epoch, meter=meter,
-                             global_step=global_step, ema=ema, clock=clock, console=console, on_step=on_step)
+        with _keep_last_good(run_dir, history):
+            tr = train_one_epoch(train_model, train_loader, optimizer, schedule, settings, epoch=epoch, meter=meter,
+                                 global_step=global_step, ema=ema, clock=clock, console=console, on_step=on_step)
         global_step = tr["global_step"]
         train_sums = distributed.all_reduce_sums(dist, {"loss": float(meter.loss_sum), "correct": float(meter.correct),
                                                         "seen": float(meter.seen)})
-        train_time += meter.time
+        clock.end_epoch(meter.time)
         images_seen += int(train_sums["seen"])
 
         eval_model = ema.module if ema is not None else model
         distributed.sync_buffers(eval_model, dist)
-        ev = evaluate(eval_model, val_loader, num_classes=num_classes, device=device, amp=amp,
-                      limit=len(range(dist.rank, len(data.val), dist.world_size)))
+        ev = evaluate(eval_model, val_loader, num_classes=num_classes, device=device, amp=amp)
         ev = metrics_from_sums(distributed.all_reduce_sums(dist, ev["sums"]), num_classes)
 
         seen = max(train_sums["seen"], 1.0)
         row = {"epoch": epoch + 1, "train_loss": train_sums["loss"] / seen, "train_acc": train_sums["correct"] / seen,
                "val_loss": ev["loss"], "val_acc": ev["acc"], "val_top5": ev["top5"],
                "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.perf_counter() - epoch_start,
-               "wall_time": clock.elapsed, "train_img_s": train_sums["seen"] / meter.time if meter.time > 0 else 0.0}
+               "train_time": clock.done, "wall_time": wall(),
+               "train_img_s": train_sums["seen"] / meter.time if meter.time > 0 else 0.0}
+        with _keep_last_good(run_dir, history):  # before this epoch's checkpoints replace good ones
+            check_finite(eval_model, global_step, {"train loss": row["train_loss"], "val loss": row["val_loss"]})
         if num_classes <= 5:
             row.pop("val_top5")
         if tr["stopped"]:
@@ -222,7 +252,7 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
             bad_epochs += 1
         meter = None
 
-        if budget_spent():
+        if clock.exceeded():
             stop_reason = "time_budget"
         elif cfg.patience and bad_epochs >= cfg.patience:
             stop_reason = "early_stopping"
@@ -246,48 +276,36 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, data, progress: bool) -> 
         if tb is not None:
             tb.close()
         summary = _final_artifacts(run_dir, data, resolved, history, best, device=device, amp=amp,
-                                   extra={"params": params, "flops": flops, "train_time_s": train_time,
-                                          "train_img_s": images_seen / train_time if train_time > 0 else 0.0,
-                                          "wall_time_s": clock.elapsed, "stop_reason": stop_reason or "completed",
+                                   extra={"params": params, "flops": flops, "train_time_s": clock.done,
+                                          "train_img_s": images_seen / clock.done if clock.done > 0 else 0.0,
+                                          "wall_time_s": wall(), "stop_reason": stop_reason or "completed",
                                           "world_size": dist.world_size, "lr": lr, "weights": meta_base["weights"]})
         console.info(f"best val acc {best['val_acc']:.2%} (epoch {best['epoch']}); artifacts in {run_dir}")
     summary = distributed.broadcast_object(dist, summary)
     return summary
 
 
+@contextlib.contextmanager
+def _keep_last_good(run_dir: Path, history: list[dict]):
+    """Name the run folder and its intact checkpoints in TrainingDiverged (raised before the diverged
+    epoch writes any)."""
+    try:
+        yield
+    except TrainingDiverged as e:
+        kept = f"best/last.safetensors of epoch {len(history)} are kept" if history else "no checkpoint was written"
+        raise TrainingDiverged(f"{run_dir}: {e} ({kept})") from None
+
+
 # ---------------------------------------------------------------------- configuration
 
 def check_config(cfg: TrainConfig) -> None:
-    """Reject impossible option values up front, each with a message naming the option."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise UserError(msg)
+    """Reject impossible option values up front, each with a message naming the option.
 
-    need(isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"--epochs must be a whole number >= 1, got {cfg.epochs!r}")
-    need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
-    need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
-    need(cfg.accum_steps >= 1, f"--accum-steps must be >= 1, got {cfg.accum_steps}")
-    need(cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    need(cfg.schedule in SCHEDULES, f"--schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
-    need(cfg.amp in AMP_MODES, f"--amp {cfg.amp!r}: use one of {', '.join(AMP_MODES)}")
-    need(cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
-    need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    need(cfg.mixup >= 0 and cfg.cutmix >= 0, "--mixup and --cutmix are Beta alphas: use 0 (off) or a positive value")
-    need(0 <= cfg.drop_path < 1, f"--drop-path must be in [0, 1), got {cfg.drop_path}")
-    need(0 < cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), got {cfg.ema_decay}")
-    need(cfg.clip_grad is None or cfg.clip_grad > 0, f"--clip-grad must be positive, got {cfg.clip_grad}")
-    need(cfg.patience is None or cfg.patience >= 1, f"--patience must be >= 1 epoch, got {cfg.patience}")
-    need(cfg.time_budget is None or cfg.time_budget > 0, f"--time-budget must be positive, got {cfg.time_budget}")
-    need(cfg.class_weights in (None, "none", "auto"), f"--class-weights {cfg.class_weights!r}: use auto or none")
-    need(cfg.state_every >= 0, f"--state-every must be >= 0 steps, got {cfg.state_every}")
-    need(cfg.step_size >= 1, f"--step-size must be >= 1 epoch, got {cfg.step_size}")
-    need(isinstance(cfg.model_kwargs, dict), "model_kwargs must be a mapping, e.g. {depth: 3}")
-    from imgarena.data.augment import PRESETS
+    imgarena.config declares and checks every field (the CLI already did when it built `cfg`);
+    checking again here catches fields changed by hand after construction."""
+    from imgarena.config import validate
 
-    need(cfg.augment in PRESETS, f"--augment {cfg.augment!r}: use one of {', '.join(PRESETS)}")
-    if cfg.name is not None:
-        need(bool(cfg.name) and "/" not in cfg.name and "\\" not in cfg.name and cfg.name not in (".", ".."),
-             f"--name {cfg.name!r} must be a plain folder name (it goes under --out-dir)")
+    validate(cfg)
 
 
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
@@ -301,9 +319,10 @@ def _set_determinism(deterministic: bool, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _prepare_run_dir(cfg: TrainConfig, dist: distributed.DistInfo) -> Path:
-    """out_dir/name; a fresh name is <model>-<timestamp>. An existing finished or resumable run is
-    never overwritten without --resume."""
+def _prepare_run_dir(cfg: TrainConfig, dist: distributed.DistInfo) -> tuple[Path, RunLock | None]:
+    """out_dir/name, created and locked by rank 0 (the lock is returned; release it at the end).
+    A fresh name is <model>-<timestamp>. An existing finished or resumable run is never overwritten
+    without --resume, and a folder another live process is training in is refused."""
     name = cfg.name
     if name is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -314,17 +333,40 @@ def _prepare_run_dir(cfg: TrainConfig, dist: distributed.DistInfo) -> Path:
             name = f"{base}-{k}"
         name = distributed.broadcast_object(dist, name)  # ranks may disagree on the clock
     run_dir = Path(cfg.out_dir) / name
-    if cfg.resume:
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = _claim_run_dir(run_dir, cfg.resume)
+        except UserError as e:
+            error = e
+    # Rank 0's verdict on every rank: all fail together instead of the others waiting forever.
+    message = distributed.broadcast_object(dist, None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return run_dir, lock
+
+
+def _claim_run_dir(run_dir: Path, resume: bool) -> RunLock:
+    """Lock `run_dir` for this process, then check what it holds (after locking, so a run that
+    finishes or starts meanwhile is seen)."""
+    if resume:
+        if not run_dir.is_dir():
+            raise UserError(f"cannot resume {run_dir}: no such run folder")
+        lock = RunLock(run_dir).acquire("resume", "wait for it to finish (or stop it) first")
         if not (run_dir / "state.pt").is_file():
+            lock.release()
             raise UserError(f"cannot resume {run_dir}: it has no state.pt (not a run folder, or stopped before "
                             "its first save): start it again without --resume")
-    elif any((run_dir / f).exists() for f in ("state.pt", "summary.json")):
+        return lock
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire("train in")
+    if any((run_dir / f).exists() for f in ("state.pt", "summary.json")):
+        lock.release()
         raise UserError(f"{run_dir} already holds a run: continue it with `imgarena train --resume {run_dir}`, "
                         "or pick another --name")
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(dist)
-    return run_dir
+    return lock
 
 
 def _load_data(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool):
@@ -414,6 +456,7 @@ def _final_artifacts(run_dir: Path, data, cfg: TrainConfig, history: list[dict],
                      extra: dict) -> dict:
     """Evaluate the best checkpoint on the full val split (and test, when there is one) and write
     per_class.csv, confusion_matrix.png, errors.png, curves.png and summary.json."""
+    from imgarena import calibration
     from imgarena.checkpoint import load_model
     from imgarena.data.loader import BatchLoader
     from imgarena.evaluation import metrics, plots
@@ -434,6 +477,9 @@ def _final_artifacts(run_dir: Path, data, cfg: TrainConfig, history: list[dict],
     title = f"{cfg.model} on {data.source} (val, best epoch {best['epoch']})"
     plots.plot_confusion_matrix(cm, data.classes, run_dir / "confusion_matrix.png", title=title)
     plots.plot_errors(data.val.images, ev["targets"], ev["probs"], data.classes, run_dir / "errors.png", title=title)
+    from imgarena.explain import write_explain_png  # where the model looked in those mistakes
+
+    write_explain_png(run_dir, data, model, ev["probs"], title=title)
     plots.plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} on {data.source}")
 
     peak, peak_kind = _peak_memory(device)
@@ -447,8 +493,11 @@ def _final_artifacts(run_dir: Path, data, cfg: TrainConfig, history: list[dict],
         "amp": str(amp).replace("torch.", "") if amp else "fp32", "optimizer": cfg.optimizer, "schedule": cfg.schedule,
         "batch_size": cfg.batch_size, **extra,
     }
-    if data.test is not None and len(data.test):
-        te = run_eval(data.test)
+    te = run_eval(data.test) if data.test is not None and len(data.test) else None
+    if te is not None:
         summary.update(test_acc=te["acc"], test_loss=te["loss"], test_top5=te["top5"], test_images=len(data.test))
+    # temperature scaling on val: stored in best.safetensors' metadata, plus reliability.png
+    summary.update(calibration.calibrate_run(run_dir, ev["probs"], ev["targets"], title=title,
+                                             test=None if te is None else (te["probs"], te["targets"])))
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary

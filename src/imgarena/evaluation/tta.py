@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from imgarena.errors import UserError
 
-TTA_MODES = ("none", "flip", "crop", "flip-crop")
+from imgarena.config import TTA_MODES  # noqa: E402,F401  (one copy of the choice list)
 CROP_SCALE = 0.875  # the usual 224/256 centre-crop ratio
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgarena.errors import UserError
 from imgarena.models._fastpaths import fast_path_ok, linear_add, linear_gelu
 
 
@@ -206,8 +207,8 @@ class PatchEmbed(nn.Module):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
         for s, p in zip(self.img_size, self.patch_size):
             if s % p:
-                raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}: "
-                                 f"pick an img_size that is a multiple of {p}")
+                raise UserError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}: "
+                                f"pick an img_size that is a multiple of {p}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.flatten = flatten

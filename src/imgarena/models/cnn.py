@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from imgarena.errors import UserError
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._fastpaths import conv_bn_act, fast_path_ok
 from imgarena.models._layers import he_init_, to_channels_last
@@ -56,12 +57,12 @@ class CNN(ClassifierMixin, nn.Module):
                  drop_rate: float = 0.3, drop_path_rate: float = 0.0):
         super().__init__()
         if len(widths) != len(depths) or not widths:
-            raise ValueError(f"CNN: widths {tuple(widths)} and depths {tuple(depths)} need one entry per stage")
+            raise UserError(f"CNN: widths {tuple(widths)} and depths {tuple(depths)} need one entry per stage")
         if drop_path_rate:
-            raise ValueError("CNN has no residual branches, so drop_path does not apply; use drop_rate")
+            raise UserError("CNN has no residual branches, so drop_path does not apply; use drop_rate")
         if img_size < 2 ** len(widths):
-            raise ValueError(f"CNN: img_size {img_size} is too small for {len(widths)} stages of 2x2 pooling "
-                             f"(needs at least {2 ** len(widths)} px)")
+            raise UserError(f"CNN: img_size {img_size} is too small for {len(widths)} stages of 2x2 pooling "
+                            f"(needs at least {2 ** len(widths)} px)")
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         chans, stages = in_chans, []
         for width, depth in zip(widths, depths):

@@ -203,9 +203,9 @@ class ConvNeXt(ClassifierMixin, nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
         if stem not in ("patchify", "small"):
-            raise ValueError(f"ConvNeXt stem must be 'patchify' (4x4 stride 4) or 'small' (2x2 stride 2), got {stem!r}")
+            raise UserError(f"ConvNeXt stem must be 'patchify' (4x4 stride 4) or 'small' (2x2 stride 2), got {stem!r}")
         if len(depths) != len(dims):
-            raise ValueError(f"ConvNeXt: depths {tuple(depths)} and dims {tuple(dims)} need one entry per stage")
+            raise UserError(f"ConvNeXt: depths {tuple(depths)} and dims {tuple(dims)} need one entry per stage")
         self.default_img_size = 32 if stem == "small" else 224  # only for input_spec
         self.num_classes, self.in_chans = num_classes, in_chans
         self.img_size = img_size or self.default_img_size

@@ -122,6 +122,11 @@ class MlpMixer(ClassifierMixin, nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
+    def explain_grid(self, feats: torch.Tensor, input_hw) -> torch.Tensor:
+        """Explain contract: (B, S, C) tokens -> (B, C, H/P, W/P), the patch grid in raster order."""
+        h, w = self.stem.grid_size
+        return feats.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """timm's Mixer init: xavier-uniform Linear weights, tiny MLP biases, LeCun-normal stem, zero head

@@ -34,6 +34,14 @@ class MLP(ClassifierMixin, nn.Module):
     def forward_head(self, x, pre_logits: bool = False):
         return x if pre_logits else self.head(x)
 
+    # Explain contract: an MLP flattens the image first, so the only map over the image it has is the
+    # input itself; Grad-CAM/LayerCAM on it become gradient-times-input saliency.
+    def explain_features(self, x):
+        return x
+
+    def explain_head(self, feats):
+        return self.forward(feats)
+
 
 VARIANTS = {
     "mlp": dict(hidden=(200,)),  # seed 004's MyNet

@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from imgarena.errors import UserError
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
 from imgarena.models._layers import DropPath, to_channels_last
@@ -109,9 +110,9 @@ class MobileNet(ClassifierMixin, nn.Module):
                  width: float = 1.0, stem_stride: int = 2, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
         if version not in ARCH:
-            raise ValueError(f"MobileNet version must be 1 or 2, got {version!r}")
+            raise UserError(f"MobileNet version must be 1 or 2, got {version!r}")
         if width <= 0:
-            raise ValueError(f"MobileNet width multiplier must be > 0, got {width}")
+            raise UserError(f"MobileNet width multiplier must be > 0, got {width}")
         self.default_img_size = 32 if stem_stride == 1 else 224  # only for input_spec: any size works
         self.num_classes, self.in_chans = num_classes, in_chans
         self.img_size = img_size or self.default_img_size

@@ -14,7 +14,6 @@ UserError naming the parameter.
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import torch
@@ -84,34 +83,51 @@ def read_state_dict(path) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download raises: huggingface_hub's errors (LocalEntryNotFoundError, raised when
+    HF_HUB_OFFLINE=1 or the hub is unreachable and the file is not cached, is an OSError), urllib's
+    URLError (timm's URL fallback; an OSError too) and the HTTP client's connection errors."""
+    types: list[type[BaseException]] = [OSError]
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        types += [HfHubHTTPError, OfflineModeIsEnabled]
+    except ImportError:
+        pass
+    for mod, name in (("requests.exceptions", "RequestException"), ("httpx", "HTTPError"), ("httpx", "TransportError")):
+        try:
+            types.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
 
 
 def fetch_timm_state_dict(timm_name: str) -> dict:
-    """timm's pretrained weights for `timm_name` via its hub (or the local hub cache)."""
+    """timm's pretrained weights for `timm_name` via its hub (or the local hub cache).
+
+    The hub client's own settings apply: HF_HUB_OFFLINE=1 (cache only, no waiting on the network),
+    HF_ENDPOINT, HF_HOME and proxies. Download failures become one UserError; anything else is a bug
+    and propagates.
+    """
     import timm
 
-    offline = not _hub_reachable()
     try:
-        if offline:
-            # Don't let huggingface_hub spend ~45 s in retries: use its cache only.
-            import huggingface_hub.constants as hf_constants
-
-            saved, hf_constants.HF_HUB_OFFLINE = hf_constants.HF_HUB_OFFLINE, True
-            try:
-                return timm.create_model(timm_name, pretrained=True).state_dict()
-            finally:
-                hf_constants.HF_HUB_OFFLINE = saved
         return timm.create_model(timm_name, pretrained=True).state_dict()
-    except Exception as e:
-        why = "no connection to the hub" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        raise UserError(f"could not download timm weights for {timm_name!r} ({why}); download them elsewhere "
-                        f"and pass the local file: pretrained=PATH (.safetensors or .pth in timm's format)") from None
+    except RuntimeError as e:
+        if "No pretrained weights exist" not in str(e):  # timm's words for a config without weights
+            raise
+        raise UserError(f"timm publishes no pretrained weights for {timm_name!r}; pass pretrained=PATH to a local "
+                        f"state dict (.safetensors or .pth in timm's format) or train from scratch") from None
+    except _fetch_errors() as e:
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        mode = ("HF_HUB_OFFLINE=1 is set, so only the local cache was searched" if HF_HUB_OFFLINE else
+                "set HF_HUB_OFFLINE=1 to use only the local cache without waiting on the network")
+        raise UserError(f"could not fetch timm weights for {timm_name!r} ({why}); {mode}. Download them where "
+                        f"the hub is reachable and pass the local file: pretrained=PATH "
+                        f"(.safetensors or .pth in timm's format)") from None
 
 
 # --- adaptation ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from imgarena.errors import UserError
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
 from imgarena.models._layers import DropPath, he_init_, to_channels_last
@@ -116,11 +117,11 @@ class ResNet(ClassifierMixin, nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
         if block not in BLOCKS:
-            raise ValueError(f"ResNet block must be one of {sorted(BLOCKS)}, got {block!r}")
+            raise UserError(f"ResNet block must be one of {sorted(BLOCKS)}, got {block!r}")
         if stem not in ("imagenet", "small"):
-            raise ValueError(f"ResNet stem must be 'imagenet' (7x7/2 + max-pool) or 'small' (3x3/1), got {stem!r}")
+            raise UserError(f"ResNet stem must be 'imagenet' (7x7/2 + max-pool) or 'small' (3x3/1), got {stem!r}")
         if len(layers) != len(widths):
-            raise ValueError(f"ResNet: layers {tuple(layers)} and widths {tuple(widths)} need one entry per stage")
+            raise UserError(f"ResNet: layers {tuple(layers)} and widths {tuple(widths)} need one entry per stage")
         block_cls = BLOCKS[block]
         self.default_img_size = 32 if stem == "small" else 224  # only for input_spec: any size works
         self.num_classes, self.in_chans = num_classes, in_chans

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgarena.errors import UserError
 from imgarena.models._base import ClassifierMixin
 from imgarena.models._layers import (DropPath, Mlp, PatchEmbed, fused_cpu_inference, init_linears_, linear,
                                      linear_residual, split_heads, trunc_normal_)
@@ -255,7 +256,7 @@ def check_swin_sizes(img_size: int, patch_size: int, window_size: int, num_stage
     below = next((n for n in range(img_size - 1, patch_size - 1, -1) if ok(n)), None)
     above = next(n for n in range(img_size + 1, 64 * img_size) if ok(n))
     near = " or ".join(str(n) for n in (below, above) if n)
-    raise ValueError(
+    raise UserError(
         f"swin: img_size {img_size} with patch_size {patch_size} gives a {img_size / patch_size:g}x"
         f"{img_size / patch_size:g} patch grid that cannot be halved {num_stages - 1} times into "
         f"{window_size}x{window_size} windows (stage {len(grids) + 1} does not divide); "
@@ -305,6 +306,11 @@ class SwinTransformer(ClassifierMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(1, 2)))  # global average pooling: (B, 8C)
         return x if pre_logits else self.head(x)
+
+    def explain_grid(self, feats: torch.Tensor, input_hw) -> torch.Tensor:
+        """Explain contract: the last stage's (B, h, w, C) token grid as (B, C, h, w). Attention is
+        windowed, so there is no global attention to roll out (the default attention_trace says so)."""
+        return feats.permute(0, 3, 1, 2)
 
 
 VARIANTS = {

@@ -58,9 +58,63 @@ class TimmModel(ClassifierMixin, nn.Module):
     def forward(self, x):
         return self.model(x)
 
+    def explain_grid(self, feats, input_hw):
+        """Explain contract for whatever timm's forward_features returns: an NCHW or NHWC map, or
+        (B, prefix + h*w, C) tokens of a patch grid; anything else cannot be drawn over the image."""
+        import math
+
+        from imgarena.models._base import NotExplainable
+
+        C = self.num_features
+        if feats.ndim == 4 and feats.shape[1] == C:
+            return feats
+        if feats.ndim == 4 and feats.shape[-1] == C:
+            return feats.permute(0, 3, 1, 2)
+        if feats.ndim == 3 and feats.shape[-1] == C:
+            tokens = feats[:, int(getattr(self.model, "num_prefix_tokens", 0) or 0):]
+            n, (H, W) = tokens.shape[1], input_hw
+            # the patch grid keeps the input's aspect: h * w == n with h / w == H / W
+            h = round(math.sqrt(n * H / W)) if n else 0
+            if h and n % h == 0:
+                return tokens.transpose(1, 2).reshape(feats.shape[0], C, h, n // h)
+        raise NotExplainable(f"{self.model_name}: timm's forward_features gives {tuple(feats.shape)}, not a final "
+                             "feature map or a patch-token grid, so there is nothing to draw a class-activation map on")
+
+    def attention_trace(self, x):
+        """Rollout for timm ViT-style models: their attention modules compute the probabilities explicitly
+        (and pass them through `attn_drop`, hooked here) when `fused_attn` is off."""
+        import math
+
+        from imgarena.models._base import AttentionTrace, NotExplainable
+
+        mods = [m for m in self.model.modules() if hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module)]
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+        if not mods:
+            raise NotExplainable(f"{self.model_name} has no timm attention layers to roll out: use --method gradcam or layercam")
+        attns: list = []
+        hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, y: attns.append(y)) for m in mods]
+        fused = [m.fused_attn for m in mods]
+        try:
+            for m in mods:
+                m.fused_attn = False
+            logits = self.model(x)
+        finally:
+            for m, f in zip(mods, fused):
+                m.fused_attn = f
+            for h in hooks:
+                h.remove()
+        n, (H, W) = attns[0].shape[-1] - prefix, x.shape[-2:]
+        gh = round(math.sqrt(n * H / W)) if n > 0 else 0
+        if not gh or n % gh or any(a.shape[-1] != attns[0].shape[-1] for a in attns):
+            raise NotExplainable(f"{self.model_name}: its attention is not global over one patch grid (e.g. windowed), "
+                                 "so it cannot be rolled out; use --method gradcam or layercam")
+        readout = "token" if getattr(self.model, "global_pool", "token") == "token" and prefix else "avg"
+        return AttentionTrace(logits, attns, prefix, (gh, n // gh), readout)
+
 
 def create_timm_model(name: str, num_classes: int = 1000, in_chans: int = 3, img_size: int | None = None,
-                      drop_path_rate: float = 0.0, pretrained: str | None = None, **kw) -> TimmModel:
+                      drop_path_rate: float = 0.0, pretrained: str | None = None, train_device=None,
+                      **kw) -> TimmModel:
     """Build timm model `name` wrapped as a `TimmModel`. Unknown names -> UserError with close matches.
 
     `img_size` is passed to timm for architectures built for a fixed size (ViT-like); CNNs take any
@@ -76,10 +130,12 @@ def create_timm_model(name: str, num_classes: int = 1000, in_chans: int = 3, img
     args = dict(kw)
     if drop_path_rate:
         args["drop_path_rate"] = drop_path_rate
-    try:
-        model = _build(name, num_classes, in_chans, img_size, args)
-    except TypeError as e:
-        raise UserError(f"timm model {name!r}: bad option ({e})") from None
+    from imgarena.models._registry import build_checked
+
+    # Options timm rejects (TypeError: unexpected keyword) become a UserError naming them; with no
+    # options, an error from timm is a bug and keeps its traceback. Memory is checked on meta first.
+    model = build_checked(f"timm/{name}", lambda: _build(name, num_classes, in_chans, img_size, args), kw,
+                          img_size=img_size, train_device=train_device)
     wrapped = TimmModel(model, img_size, in_chans)
     wrapped.model_name = f"timm/{name}"
     wrapped.model_kwargs = {**args, **({"img_size": img_size} if img_size else {})}

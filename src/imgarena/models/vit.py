@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgarena.models._base import ClassifierMixin
+from imgarena.errors import UserError
+from imgarena.models._base import AttentionTrace, ClassifierMixin
 from imgarena.models._layers import (DropPath, Mlp, PatchEmbed, fused_cpu_inference, init_linears_, linear,
                                      linear_residual, split_heads, trunc_normal_)
 from imgarena.models._registry import register_family
@@ -57,7 +58,7 @@ class Attention(nn.Module):
                  proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+            raise UserError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
@@ -118,9 +119,9 @@ class VisionTransformer(ClassifierMixin, nn.Module):
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
         if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', not {global_pool!r}")
+            raise UserError(f"global_pool must be 'token' or 'avg', not {global_pool!r}")
         if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+            raise UserError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
@@ -170,6 +171,45 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
+    # ---- explain contract (see _base.ClassifierMixin)
+    def _grid(self, input_hw) -> tuple[int, int]:
+        return input_hw[0] // self.patch_embed.patch_size[0], input_hw[1] // self.patch_embed.patch_size[1]
+
+    def explain_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens entering the last block when the head reads the class token (after the last block,
+        patch tokens no longer reach the logits, so their gradient would be zero); else the final tokens."""
+        if self.global_pool != "token":
+            return self.forward_features(x)
+        return self.blocks[:-1](self._pos_embed(self.patch_embed(x), self._grid(x.shape[-2:])))
+
+    def explain_head(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.global_pool != "token":
+            return self.forward_head(feats)
+        return self.forward_head(self.norm(self.blocks[-1](feats)))
+
+    def explain_grid(self, feats: torch.Tensor, input_hw) -> torch.Tensor:
+        """(B, prefix + h*w, D) tokens -> (B, D, h, w), the patch tokens in raster order."""
+        h, w = self._grid(input_hw)
+        return feats[:, self.num_prefix_tokens:].transpose(1, 2).reshape(feats.shape[0], -1, h, w)
+
+    def attention_trace(self, x: torch.Tensor) -> AttentionTrace:
+        """The forward with each block's attention probabilities computed explicitly and used, so the
+        logits are a function of them (gradient-weighted rollout differentiates through them):
+        `F.scaled_dot_product_attention` never materialises the probabilities. Eval mode: no dropout,
+        no drop path, so the logits equal `forward(x)`."""
+        z = self._pos_embed(self.patch_embed(x), self._grid(x.shape[-2:]))  # (B, prefix + N, D)
+        B, T, D = z.shape
+        attns: list[torch.Tensor] = []
+        for blk in self.blocks:
+            at = blk.attn
+            q, k, v = split_heads(at.qkv(blk.norm1(z)), at.num_heads)  # each (B, h, T, d)
+            a = torch.softmax((q @ k.transpose(-2, -1)) * at.head_dim ** -0.5, dim=-1)  # (B, h, T, T)
+            attns.append(a)
+            z = z + blk.drop_path1(at.proj_drop(at.proj((a @ v).transpose(1, 2).reshape(B, T, D))))
+            z = z + blk.drop_path2(blk.mlp(blk.norm2(z)))
+        logits = self.forward_head(self.norm(z))
+        return AttentionTrace(logits, attns, self.num_prefix_tokens, self._grid(x.shape[-2:]),
+                              "token" if self.global_pool == "token" else "avg")
 
 VARIANTS = {
     # Paper variants at 224 px. Ti/S: DeiT widths; B/L/H: ViT Table 1.
