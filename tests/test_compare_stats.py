@@ -133,6 +133,10 @@ def test_still_rising_curve_is_flagged_with_an_extrapolated_budget():
     assert not stats.undertrained(flat, 400, train_time_s=60.0)["undertrained"]
     # the same rise on 30 images is within the noise
     assert not stats.undertrained(rising, 30, train_time_s=60.0)["undertrained"]
+    # one full epoch and a bit, its last part annealed flat by the time budget: too few points to judge
+    short = [{"epoch": 1, "val_acc": 0.3075}, {"epoch": 2, "val_acc": 0.31, "partial": 0.07}]
+    r = stats.undertrained(short, 400, train_time_s=45.0)
+    assert r["undertrained"] and "too few" in r["reason"] and r["needed_epochs"] == stats.MIN_EPOCHS_TO_JUDGE
 
 
 def test_mcnemar_exact_and_intervals_known_values():
@@ -145,3 +149,33 @@ def test_mcnemar_exact_and_intervals_known_values():
     one = stats.mean_interval([0.8], n_eval=100)
     assert one["method"].startswith("Wilson") and one["lo"] < 0.8 < one["hi"]
     assert one["lo"] == pytest.approx(0.7112, abs=1e-3)  # Wilson 95% for 80/100
+
+
+def test_fold_runs_validate_every_image_once_and_a_half_done_run_skips_finished_folds(tmp_path):
+    """--folds 3: the three runs' val sets partition the pool; a re-run after losing the last fold
+    (as after a crash) skips the two finished folds and trains only the missing one."""
+    import shutil
+
+    from _data_files import write_class_folder
+
+    folder = write_class_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=6, size=8)
+    out = tmp_path / "cmp"
+    cfg = CompareConfig(data=DataConfig(source=str(folder)), models=["mlp"], epochs=1, batch_size=8, folds=3,
+                        device="cpu", out=str(out))
+    lines: list[str] = []
+    results = run_compare(cfg, progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
+    runs = sorted(results["runs"], key=lambda r: r["fold"])
+    assert [r["fold"] for r in runs] == [0, 1, 2] and all(r["status"] == "ok" for r in runs)
+    vals = [json.loads((out / r["run_dir"] / "split.json").read_text())["splits"]["val"] for r in runs]
+    flat = [p for v in vals for p in v]
+    assert len(flat) == len(set(flat)) == 18  # every image validated exactly once
+    assert all(sorted(p.split("/")[0] for p in v) == ["a", "a", "b", "b", "c", "c"] for v in vals)  # stratified
+    # lose the last fold, as if the compare had been killed during it
+    last = runs[-1]["run_dir"]
+    shutil.rmtree(out / last)
+    (out / "records" / f"{last}.json").unlink()
+    lines.clear()
+    run_compare(cfg, progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
+    text = "\n".join(lines)
+    assert "mlp fold 1/3: already finished" in text and "mlp fold 2/3: already finished" in text
+    assert "mlp fold 3/3: training" in text

@@ -150,6 +150,8 @@ def oriented_pair(pairs: list[dict], a: str, b: str) -> dict | None:
 def accuracy_sentence(pair: dict) -> str:
     """"A is more accurate than B: +X points [lo, hi], p = ..." or "A and B cannot be told apart"."""
     a, b = pair["a"], pair["b"]
+    if pair.get("significant") and pair["diff"] < 0:  # b is the more accurate one: say it that way round
+        return accuracy_sentence(oriented_pair([pair], b, a))
     n_img = f"{pair['n_images']} images" if pair.get("n_images") else f"{pair.get('n_runs')} matched runs"
     if pair.get("significant") and pair["diff"] > 0:
         ci = f" [{_pts(pair['lo'])}, {_pts(pair['hi'])}]" if pair.get("lo") is not None else ""
@@ -210,13 +212,20 @@ def headline(models: list[dict], pairs: list[dict] | None = None, baseline: str 
     return "; ".join(parts) if parts else "no model finished"
 
 
-def baseline_sentences(records: list[dict], baseline: str | None) -> list[str]:
+def baseline_sentences(records: list[dict], baseline: str | None, pairs: list[dict] | None = None) -> list[str]:
+    """Each model against --baseline: its accuracy verdict (with `pairs`) and its train speed."""
     base = next((r for r in records if r["model"] == baseline and r.get("train_img_s")), None)
     if base is None:
         return []
-    return [speed_sentence(r["model"], r["train_img_s"] / base["train_img_s"], baseline)
-            for r in records if r is not base and r.get("train_img_s")
-            and (r.get("runs") or r.get("status") == "ok")]
+    out = []
+    for r in records:
+        if r is base or not r.get("train_img_s") or not (r.get("runs") or r.get("status") == "ok"):
+            continue
+        pair = oriented_pair(pairs or [], r["model"], baseline)
+        speed = speed_sentence(r["model"], r["train_img_s"] / base["train_img_s"], baseline)
+        out.append(f"{accuracy_sentence(pair)}; {speed}" if pair is not None and pair.get("diff") is not None
+                   else speed)
+    return out
 
 
 def display_rows(models: list[dict]) -> list[dict]:
@@ -696,7 +705,7 @@ def render_html(results: dict, figs, cms, *, disagreement_fig: Path | None = Non
     cfg = results.get("config", {})
     esc = html.escape
     rows = display_rows(models)
-    notes = "".join(f"<li>{esc(s)}</li>" for s in baseline_sentences(models, cfg.get("baseline")))
+    notes = "".join(f"<li>{esc(s)}</li>" for s in baseline_sentences(models, cfg.get("baseline"), pairs))
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>imgarena compare: {esc(', '.join(m['model'] for m in models))}</title>",
@@ -783,7 +792,7 @@ def render_markdown(results: dict, compare_dir: Path, figs, cms, *, disagreement
         lines += [f"_Partial report ({results.get('state')}): re-run the same command to finish._", ""]
     lines += ["## Results (mean and 95% CI per model)", "", format_table(rows, TABLE_COLUMNS, markdown=True), ""]
     lines += [f"- {s}" for s in explanation(results)]
-    lines += [f"- {s}" for s in baseline_sentences(models, cfg.get("baseline"))]
+    lines += [f"- {s}" for s in baseline_sentences(models, cfg.get("baseline"), results.get("pairwise"))]
     lines.append("")
     matrix = _pair_matrix(models, results.get("pairwise", []), markdown=True)
     if matrix:

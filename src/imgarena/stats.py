@@ -251,10 +251,14 @@ def accuracy_noise(acc: float, n: int) -> float:
     return math.sqrt(max(acc * (1 - acc), 1.0 / n) / n) if n else float("inf")
 
 
+MIN_EPOCHS_TO_JUDGE = 3  # fewer val points than this show no plateau, so the run counts as undertrained
+
+
 def undertrained(history: list[dict], n_val: int, *, train_time_s: float | None = None) -> dict:
     """{undertrained, reason, needed_epochs, needed_s} for one run's metrics.jsonl rows.
 
-    Undertrained: less than one epoch trained, or the val curve still rising at the end: the last
+    Undertrained: less than one epoch trained, fewer than MIN_EPOCHS_TO_JUDGE epochs (too few points
+    to show a plateau), or the val curve still rising at the end: the last
     third of the epochs (at least one) gained more than the noise, 2 x sqrt(2) x the binomial SE of
     the final val accuracy (two estimates on n_val images, each with SE sqrt(p(1-p)/n_val)).
     needed_epochs extrapolates a saturating curve acc(e) = A - B exp(-e / tau) fitted to the val
@@ -272,7 +276,13 @@ def undertrained(history: list[dict], n_val: int, *, train_time_s: float | None 
             out["needed_s"] = per_epoch  # at least one full epoch; too few points to extrapolate further
         return out
     accs = [r["val_acc"] for r in rows]
-    if len(accs) < 2:
+    if done < MIN_EPOCHS_TO_JUDGE:
+        # One or two val points cannot show a curve levelling off -- least of all under a schedule
+        # annealed to zero at the time budget, which flattens the last epoch whatever the model's state.
+        out.update(undertrained=True, needed_epochs=float(MIN_EPOCHS_TO_JUDGE),
+                   reason=f"only {done:.2f} epochs: too few to see the val curve level off")
+        if per_epoch:
+            out["needed_s"] = float(MIN_EPOCHS_TO_JUDGE * per_epoch)
         return out
     k = max(1, len(accs) // 3)
     gain = accs[-1] - accs[-1 - k]

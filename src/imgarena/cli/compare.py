@@ -137,7 +137,7 @@ def run(args) -> int:
     print(summary_table(results))
     print(f"\n{results['headline']}")
     print(f"({results['rule']})")
-    for line in baseline_sentences(results["models"], cfg.baseline):
+    for line in baseline_sentences(results["models"], cfg.baseline, results.get("pairwise")):
         print(f"  {line}")
     print(f"report: {results['report']}")
     return 0 if all(r["status"] == "ok" for r in results["models"]) else 1

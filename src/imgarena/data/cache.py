@@ -273,18 +273,29 @@ def read_alias(cache_dir: str, key: str):
 
 def write_alias(cache_dir: str, key: str, settings: tuple[int, int]) -> None:
     """Best effort: the alias only saves reading headers next time, so failing to write it is no error."""
-    path = os.path.join(cache_dir, key + ".auto.json")
-    tmp = f"{path}.{os.getpid()}.tmp"
+    text = json.dumps({"img_size": int(settings[0]), "channels": int(settings[1])})
+    write_best_effort(os.path.join(cache_dir, key + ".auto.json"), lambda f: f.write(text.encode()))
+
+
+def write_best_effort(path: str, write, what: str | None = None) -> bool:
+    """Write `path` atomically (temp file, fsync, rename) with `write(binary_file)`, for files whose
+    loss only costs time later (a remembered setting, stored hashes): a failure is a logged warning
+    that leaves no temp file, never an error. Returns whether it was written."""
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump({"img_size": int(settings[0]), "channels": int(settings[1])}, f)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        return True
     except OSError as e:
-        log.warning("could not write %s (%s)", path, e.strerror or e)
+        log.warning("could not write %s (%s)", what or path, e.strerror or e)
         try:
             os.remove(tmp)
         except OSError:
             pass
+        return False
 
 
 def remove(folder: str) -> None:

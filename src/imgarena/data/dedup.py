@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 import zlib
 from dataclasses import dataclass
 
@@ -157,19 +156,10 @@ def entry_labels(folder: str, images, min_cosine: float = MIN_COSINE) -> np.ndar
     h = compute_hashes(images)
     labels = near_duplicate_labels(h, min_cosine)
     arrays = {"bits": h.bits, "flat": h.flat, "labels": labels, "min_cosine": np.float64(min_cosine)}
-    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, crc=np.int64(_checksum(arrays)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("could not store near-duplicate hashes in %s (%s)", folder, e.strerror or e)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+    from imgarena.data.cache import write_best_effort
+
+    write_best_effort(path, lambda f: np.savez(f, crc=np.int64(_checksum(arrays)), **arrays),
+                      f"near-duplicate hashes in {folder}")
     return labels
 
 
