@@ -554,7 +554,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
                "classes": list(data.classes), "state": "running"}
     sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test) if data.test is not None else 0}
 
-    def publish(state: str, *, full: bool = True) -> Path:
+    def publish(state: str, *, full: bool = True, sections=extra_sections) -> Path:
         runs = list(records.values())
         preds = {}
         for spec, r in records.items():
@@ -575,7 +575,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
         results.update(state=state, runs=runs, models=models, pairwise=pairs, disagreements=strip_images(dis),
                        headline=headline(models, pairs, cfg.baseline))
         return write_report(out, results, disagreement=dis, figures=full,
-                            sections=extra_sections(results, out) if (extra_sections and full) else ())
+                            sections=sections(results, out) if (sections and full) else ())
 
     current = None
     n = len(plan)
@@ -633,10 +633,11 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
         raise
 
     states = {r["status"] for r in records.values()}
-    user_sections = extra_sections
-    extra_sections = lambda res, folder: [*explain_section(cfg, records, data, folder),  # noqa: E731
-                                          *(user_sections(res, folder) if user_sections else [])]
-    report = publish("complete" if states <= {"ok"} else "complete with failures")
+
+    def final_sections(res, folder):  # the explanation maps are drawn once, for the final report
+        return [*explain_section(cfg, records, data, folder), *(extra_sections(res, folder) if extra_sections else [])]
+
+    report = publish("complete" if states <= {"ok"} else "complete with failures", sections=final_sections)
     return {**results, "report": str(report), "compare_dir": str(out)}
 
 
