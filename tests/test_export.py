@@ -18,6 +18,7 @@ from imgarena.export import PARITY_ATOL, run_export
 from imgarena.models import get_entry, list_models
 from imgarena.predict import run_predict
 from predict_helpers import CLASSES, save_run, write_images
+from _no_torch import NO_TORCH
 
 # One tiny variant per family (few blocks, narrow, small images) so exporting every family stays fast.
 TINY = {
@@ -107,17 +108,7 @@ def test_parity_uses_the_runs_split_files_or_given_images(tmp_path):
     assert res.parity.source == "--check-images" and res.parity.n_images == 1
 
 
-_TORCH_FREE = r"""
-import json, sys
-
-class NoTorch:  # any attempt to import torch (or what pulls it in) fails loudly
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "timm"):
-            raise ImportError("torch import attempted: " + name)
-
-sys.meta_path.insert(0, NoTorch())
-from imgarena.cli import main
-
+_TORCH_FREE = NO_TORCH + r"""
 rc = main(["predict", sys.argv[1], sys.argv[2], "--format", "json", "--out", sys.argv[3]])
 assert "torch" not in sys.modules, "torch was imported"
 print("RC", rc)

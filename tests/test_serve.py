@@ -22,6 +22,7 @@ from imgarena.config import PredictConfig
 from imgarena.predict import run_predict
 from predict_helpers import write_images
 from serve_helpers import Server, train_tiny
+from _no_torch import NO_TORCH
 
 TOKEN = "s3cret-token"
 
@@ -257,17 +258,7 @@ def test_slow_clients_are_cut_off(onnx_server, files):
     _good_request_works(srv, files)
 
 
-_TORCH_FREE = r"""
-import sys
-
-class NoTorch:  # any attempt to import torch (or what pulls it in) fails loudly
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "timm"):
-            raise ImportError("torch import attempted: " + name)
-
-sys.meta_path.insert(0, NoTorch())
-from imgarena.cli import main
-
+_TORCH_FREE = NO_TORCH + r"""
 rc = main(sys.argv[1:])
 print("TORCH_IMPORTED", "torch" in sys.modules, "RC", rc, flush=True)
 """
