@@ -10,8 +10,10 @@ Prints
    seed 000's Albumentations set per sample + DataLoader(num_workers=2)), same batch size;
 3. loader time as a fraction of one training step of mixer_t4;
 4. the augmentation backend choice: our batched torch ops vs torchvision v2 (per-sample params need
-   a per-sample loop) vs kornia (if installed), same `standard`-like op set, same batch.
-Needs the Fashion-MNIST idx files (`make bench-data`) and the bench extra (albumentations).
+   a per-sample loop) vs kornia (if installed), same `standard`-like op set, same batch;
+5. `--sections presets`: steady-state BatchLoader batches/s of every preset on in-memory images
+   (28 px gray, 32 px RGB, and photo-sized 256 px stored / 224 px out), no dataset needed.
+Sections 1-3 need the Fashion-MNIST idx files (`make bench-data`) and the bench extra (albumentations).
 """
 
 from __future__ import annotations
@@ -237,6 +239,36 @@ def bench_augment_choice(reps: int) -> None:
             print(f"  {name:58s} {ms:8.2f} ms/batch")
 
 
+def bench_presets(batch: int, n_batches: int, reps: int = 3) -> None:
+    """Batches/s per preset (best of `reps`), images already decoded (what a training loop sees)."""
+    import inspect
+
+    from imgarena.data.augment import PRESETS
+    from imgarena.data.prepare import Split
+
+    print(f"\n== 5. loader batches/s per preset, batch {batch} (best of {reps}) ==")
+    has_out = "out_size" in inspect.signature(BatchLoader).parameters
+    rng = np.random.default_rng(0)
+    cases = [("28px gray", 1, 28, 28), ("32px RGB", 3, 32, 32)]
+    if has_out:
+        cases.append(("256->224 RGB (crop_pct .875)", 3, 256, 224))
+    for label, c, store, out in cases:
+        n = batch * (8 if store < 100 else 2)
+        split = Split(rng.integers(0, 256, (n, c, store, store), dtype=np.uint8), np.zeros(n, np.int64),
+                      [""] * n)
+        row = []
+        for preset in PRESETS:
+            if preset == "photo" and not has_out:  # the old loader has no photo preset
+                continue
+            kw = {"out_size": out} if has_out else {}
+            loader = BatchLoader(split, batch, shuffle=True, seed=0, augment=preset, mean=(0.5,) * c,
+                                 std=(0.25,) * c, drop_last=True, **kw)
+            nb = n_batches if store < 100 else max(3, n_batches // 10)
+            best = max(time_iter(cycle(loader), nb, warmup=2) for _ in range(reps))
+            row.append(f"{preset} {best:7.1f}")
+        print(f"{label:30s} " + "   ".join(row))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="6,000 images and fewer batches: a smoke check")
@@ -244,9 +276,13 @@ def main(argv=None) -> int:
     ap.add_argument("--src", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=0, help="cache-building processes (default: all cores)")
-    ap.add_argument("--sections", default="cache,loader,step,augment", help="which parts to run (comma list)")
+    ap.add_argument("--sections", default="cache,loader,step,augment",
+                    help="which parts to run (comma list of cache, loader, step, augment, presets)")
     a = ap.parse_args(argv)
     sections = set(a.sections.split(","))
+    if sections == {"presets"}:
+        bench_presets(a.batch_size, 30 if a.quick else 100)
+        return 0
     if not os.path.isdir(a.src):
         print(f"{a.src} not found: run `make bench-data` (Debian's dataset-fashion-mnist) first", file=sys.stderr)
         return 2
@@ -267,6 +303,8 @@ def main(argv=None) -> int:
         bench_step_fraction(data, loader, a.batch_size, 5 if a.quick else 30)
     if "augment" in sections:
         bench_augment_choice(3 if a.quick else 20)
+    if "presets" in sections:
+        bench_presets(a.batch_size, 30 if a.quick else 100)
     return 0
 
 

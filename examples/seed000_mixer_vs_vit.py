@@ -3,12 +3,14 @@
     python examples/make_fashion_folder.py seed000 --out data/fashion3
     python examples/seed000_mixer_vs_vit.py                       # examples/seed000_mixer_vs_vit.yaml as is
     python examples/seed000_mixer_vs_vit.py data/fashion3 --epochs 3 --set lr=1e-4   # any `imgarena compare` flag
+    python examples/seed000_mixer_vs_vit.py --set mixer_b16:pretrained=weights/mixer/   # offline: a downloaded copy
 
 It runs `imgarena compare --config examples/seed000_mixer_vs_vit.yaml [your flags]`, first checking
-that the pretrained weights can be had. When they cannot (offline: timm's hub is unreachable; or a
-model without a timm counterpart), it says why, trains every model from random init instead, and
-writes to `<out>-random-init` so the two kinds of result never mix in one report. From random init
-at the seed's fine-tuning rate (1e-6) nothing much is learned: raise --set lr=... for such a run.
+that every model's pretrained weights can be had. When some cannot (offline: timm's hub is
+unreachable; a missing file; a model without a timm counterpart), it says why, trains every model
+from random init instead (fine-tune mode full), and writes to `<out>-random-init` so the two kinds
+of result never mix in one report. A fine-tuning learning rate is small for training from scratch:
+raise --set lr=... for such a run.
 """
 
 from __future__ import annotations
@@ -19,30 +21,30 @@ from pathlib import Path
 CONFIG = Path(__file__).with_suffix(".yaml")
 
 
-def pretrained_problem(models: list[str], spec) -> str | None:
-    """Why `spec` weights cannot be loaded for every model (None when they can, or none are asked for)."""
-    if spec is None:
-        return None
+def pretrained_specs(cfg) -> dict[str, str | None]:
+    """Each model's pretrained spec: its per-model option, else the shared one."""
+    return {m: cfg.per_model.get(m, {}).get("pretrained", cfg.train.get("pretrained")) for m in cfg.models}
+
+
+def pretrained_problem(specs: dict[str, str | None]) -> str | None:
+    """Why some model's weights cannot be loaded (None when all can, or none are asked for)."""
     from imgarena.errors import UserError
-    from imgarena.models import get_entry
-    from imgarena.models.pretrained import fetch_timm_state_dict, read_state_dict
+    from imgarena.models.pretrained import fetch_timm_state_dict, resolve_source
 
     try:
-        if str(spec) != "timm":
-            read_state_dict(spec)
-            return None
-        for name in models:
-            timm_name = name[len("timm/"):] if name.startswith("timm/") else get_entry(name).timm_name
-            if not timm_name:
-                return f"model {name!r} has no timm counterpart with published weights"
-            fetch_timm_state_dict(timm_name)  # downloads into timm's hub cache, which training then reads
+        for name, spec in specs.items():
+            if spec is None:
+                continue
+            src = resolve_source(spec, name)  # a missing file, or weights of another architecture
+            if src.kind == "timm":
+                fetch_timm_state_dict(src.timm_name)  # downloads into timm's hub cache, which training then reads
     except UserError as e:
         return str(e)
     return None
 
 
 def compare_argv(argv: list[str]) -> list[str]:
-    """The `imgarena compare` command line to run: the config, the user's flags, and — when the
+    """The `imgarena compare` command line to run: the config, the user's flags, and — when some
     pretrained weights are unavailable — the random-init fallback."""
     from imgarena.cli import build_parser
     from imgarena.cli.compare import build_config
@@ -50,14 +52,16 @@ def compare_argv(argv: list[str]) -> list[str]:
 
     full = ["compare", "--config", str(CONFIG), *argv]
     cfg = build_config(build_parser().parse_args(full))
-    why = pretrained_problem(cfg.models, cfg.train.get("pretrained"))
+    specs = pretrained_specs(cfg)
+    why = pretrained_problem(specs)
     if why is None:
         return full
     out = f"{compare_dir(cfg)}-random-init"
     print(f"NOTE: pretrained weights unavailable ({why}).\n"
           f"NOTE: training every model from RANDOM INIT instead; results go to {out}. They show the speed "
           f"comparison, not the seed's fine-tuning accuracy.", flush=True)
-    return [*full, "--set", "pretrained=null", "--out", out]
+    scratch = [a for m in specs for a in ("--set", f"{m}:pretrained=null", "--set", f"{m}:finetune=full")]
+    return [*full, "--set", "pretrained=null", "--set", "finetune=full", *scratch, "--out", out]
 
 
 def main(argv: list[str] | None = None) -> int:

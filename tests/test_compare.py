@@ -188,6 +188,134 @@ def test_more_seeds_train_only_the_new_runs(compared, tmp_path, capsys):
     assert capsys.readouterr().out.count("already finished") == 4
 
 
+def _plain_weights_file(ckpt, folder, mean, std):
+    """The tensors of an imgarena checkpoint as a bare weights file (no imgarena metadata) with a
+    timm-style config.json beside it that says which normalisation the weights were trained with."""
+    from safetensors.numpy import load_file, save_file
+
+    folder.mkdir()
+    save_file(load_file(str(ckpt)), str(folder / "weights.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": mean, "std": std}}))
+    return folder / "weights.safetensors"
+
+
+def test_pretrained_models_train_new_runs_and_the_report_says_what_each_started_from(compared, tmp_path, capsys):
+    """mixer_t4 from an earlier run folder (two-stage by default), mlp as a linear probe on a bare
+    weights file with its own mean/std, mlp_deep from scratch: only the two changed models retrain,
+    each on the preprocessing its weights bring, all on the same split."""
+    import hashlib
+
+    import yaml
+
+    folder, out, _, results = compared
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    run = out / _rec(results, "mixer_t4")["run_dir"]
+    weights = _plain_weights_file(out / _rec(results, "mlp")["run_dir"] / "best.safetensors", tmp_path / "w",
+                                  mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    capsys.readouterr()
+    assert main(compare_args(folder, copy, "--set", f"mixer_t4:pretrained={run}", "--set", f"mlp:pretrained={weights}",
+                             "--set", "mlp:finetune=linear")) == 1
+    text = capsys.readouterr().out
+    assert "mixer_t4: training" in text and "mlp: training" in text and "mlp_deep: already finished" in text
+    got = json.loads((copy / "results.json").read_text())
+    mixer, mlp, deep = (_rec(got, m) for m in ("mixer_t4", "mlp", "mlp_deep"))
+    assert [r["status"] for r in (mixer, mlp, deep)] == ["ok", "ok", "ok"]
+    assert mixer["run_dir"] != _rec(results, "mixer_t4")["run_dir"]  # the weights are part of the run's key
+    assert (mixer["finetune"], mixer["pretrained"]) == ("two-stage", str(run))
+    assert (mlp["finetune"], mlp["pretrained"]) == ("linear", str(weights))
+    assert (deep["finetune"], deep["pretrained"]) == ("full", None)
+    summary = json.loads((copy / mixer["run_dir"] / "summary.json").read_text())
+    if summary.get("pretrained") is not None:  # the engine records the weights' kind and hash
+        assert mixer["pretrained_kind"] == "run" and mlp["pretrained_kind"] == "file"
+        assert mlp["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # each model's inputs are normalised the way its weights were trained; the split is the same
+    cfgs = {m: yaml.safe_load((copy / _rec(got, m)["run_dir"] / "config.yaml").read_text()) for m in OK}
+    assert cfgs["mlp"]["data"]["mean"] == [0.5, 0.5, 0.5] and cfgs["mlp"]["data"]["std"] == [0.25, 0.25, 0.25]
+    assert cfgs["mixer_t4"]["data"]["mean"] != [0.5, 0.5, 0.5]
+    assert cfgs["mixer_t4"]["pretrained"] == str(run) and cfgs["mlp"]["finetune"] == "linear"
+    splits = [json.loads((copy / _rec(got, m)["run_dir"] / "split.json").read_text())["splits"] for m in OK]
+    assert splits[0] == splits[1] == splits[2]
+    assert "mlp: linear from " in got["conditions"] and "mean/std 0.5,0.5,0.5/0.25,0.25,0.25" in got["conditions"]
+    # the console ranking and both report tables name each row's mode and weights
+    md = (copy / "report.md").read_text()
+    assert "| fine-tune | weights |" in md
+    assert re.search(rf"\| mixer_t4 \| ok \| 1 \| two-stage \| {re.escape(str(run))}", md)
+    assert re.search(rf"\| mlp \| ok \| 1 \| linear \| {re.escape(str(weights))}", md)
+    assert "| mlp_deep | ok | 1 | full | random init |" in md
+    html = (copy / "report.html").read_text()
+    assert "<th>fine-tune</th><th>weights</th>" in html and f"<td>{str(run)}" in html
+    table = text[text.index("fine-tune"):]
+    assert re.search(r"mixer_t4 +ok +1 +two-stage +" + re.escape(str(run)), table)
+    assert re.search(r"mlp_deep +ok +1 +full +random init", table)
+
+
+def test_models_with_other_preprocessing_get_the_first_models_split(compared):
+    """Near-duplicate groups come from the decoded pixels, so another size or crop may group (and
+    split) differently: compare re-splits such data with the first model's groups."""
+    from imgarena.comparison import same_split_as
+    from imgarena.config import DataConfig
+    from imgarena.data import load_data
+    from imgarena.data.prepare import resplit
+
+    folder = compared[0]
+    ref = load_data(DataConfig(source=str(folder), val_fraction=0.25, img_size=8), progress=False)
+    other = resplit(load_data(DataConfig(source=str(folder), val_fraction=0.25, img_size=12), progress=False),
+                    group_by=r"^(\w+/\w+_00)")  # other groups: images 000-009 of a class together
+    names = lambda d: [sorted(map(str, part.paths)) for part in (d.train, d.val)]  # noqa: E731
+    assert names(other) != names(ref)
+    got = same_split_as(other, ref)
+    assert names(got) == names(ref) and got.img_size == 12 and got.train.images.shape[-1] == 12
+
+
+def test_run_key_holds_the_weights_and_the_fine_tune_mode(compared, tmp_path):
+    from imgarena.comparison import config_key, model_train_config
+    from imgarena.config import CompareConfig, DataConfig
+
+    folder, out, _, results = compared
+    source = tmp_path / "source"
+    shutil.copytree(out / _rec(results, "mixer_t4")["run_dir"], source)
+
+    def key(**options):
+        cfg = CompareConfig(data=DataConfig(source=str(folder), val_fraction=0.25), models=["mixer_t4"], epochs=2,
+                            per_model={"mixer_t4": options})
+        return config_key(model_train_config(cfg, "mixer_t4", {}))
+
+    scratch, two_stage, linear = key(), key(pretrained=str(source)), key(pretrained=str(source), finetune="linear")
+    assert len({scratch, two_stage, linear}) == 3
+    assert key(finetune="full") == scratch  # the defaults, spelled out, are the same run
+    assert key(pretrained=str(source), finetune="two-stage") == two_stage
+    os.utime(source / "best.safetensors", ns=(1, 1))  # the run folder's weights replaced
+    assert key(pretrained=str(source)) != two_stage
+
+
+def test_shared_pretrained_and_finetune_flags_reach_every_model_and_set_overrides_one(tmp_path, capsys):
+    from imgarena.cli import build_parser
+    from imgarena.cli.compare import build_config
+    from imgarena.comparison import model_train_config
+
+    args = build_parser().parse_args(["compare", "sample", "--models", "mlp,resnet18", "--pretrained", "timm",
+                                      "--finetune", "linear", "--set", "mlp:pretrained=null",
+                                      "--set", "mlp:finetune=full"])
+    cfg = build_config(args)
+    assert (cfg.train["pretrained"], cfg.train["finetune"]) == ("timm", "linear")
+    resnet, mlp = (model_train_config(cfg, m, {}) for m in ("resnet18", "mlp"))
+    # timm's pretrained config (no download): ImageNet statistics, 3 channels, its crop fraction
+    assert (resnet.pretrained, resnet.finetune_mode) == ("timm", "linear")
+    assert resnet.data.mean == pytest.approx([0.485, 0.456, 0.406]) and resnet.data.channels == 3
+    assert (mlp.pretrained, mlp.finetune_mode, mlp.data.mean) == (None, "full", None)
+    # a mode that needs weights, for a model without any: one line before anything trains
+    out = tmp_path / "cmp"
+    assert main(["compare", "sample", "--models", "mlp,cnn_s", "--finetune", "linear", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "finetune" in err and "mlp" in err and "pretrained" in err and len(err.strip().splitlines()) == 1
+    assert main(["compare", "sample", "--models", "mlp,cnn_s", "--set", "cnn_s:pretrained=no/such/run",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cnn_s" in err and "no/such/run" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "records").exists()
+
+
 def test_user_mistakes_stop_before_training(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -259,6 +387,21 @@ def test_recommended_recipe_changes_optimisation_but_not_the_conditions():
         assert (tc.epochs, tc.batch_size, tc.augment, tc.seed, tc.weight_decay) == (3, 32, "standard", 0, 0.01)
     same = CompareConfig(models=["mlp", "mixer_t4"], recipe="same")
     assert {model_train_config(same, m, recipe_overrides(same, m)).optimizer for m in same.models} == {"adamw"}
+
+
+def test_the_recommended_recipe_with_pretrained_weights_takes_the_photo_preset():
+    from imgarena.comparison import recipe_overrides
+    from imgarena.config import CompareConfig
+    from imgarena.recipes import recommended_recipe
+
+    scratch = recommended_recipe("resnet50")
+    assert recommended_recipe("resnet50", pretrained="timm") == {**scratch, "augment": "photo"}
+    assert "augment" not in scratch and recommended_recipe("resnet50", pretrained=None) == scratch
+    # compare holds augmentation equal: the recipe's preset is not applied to one model behind the others' backs
+    cfg = CompareConfig(models=["mlp", "resnet50"], recipe="recommended",
+                        per_model={"resnet50": {"pretrained": "timm"}})
+    got = recipe_overrides(cfg, "resnet50")
+    assert "augment" not in got and got["optimizer"] == "sgd"
 
 
 def test_report_module_needs_neither_torch_nor_the_engine():

@@ -25,7 +25,7 @@ def _quiet(*_):
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("stats") / "cmp"
-    cfg = CompareConfig(data=DataConfig(source="sample", img_size=16, subset=800), models=["mlp", "cnn_s"],
+    cfg = CompareConfig(data=DataConfig(source="sample", img_size=16, subset=480), models=["mlp", "cnn_s"],
                         epochs=3, batch_size=32, seeds=SEEDS, device="cpu", out=str(out))
     results = run_compare(cfg, progress=False, log=_quiet)
     return out, results

@@ -444,7 +444,7 @@ def test_bad_files_are_listed_but_a_bug_while_decoding_propagates(tmp_path, monk
     d = load_data(_cfg(root, tmp_path / "c", img_size=12, channels=1))
     assert sorted(p for p, _ in d.bad_files) == sorted(bad.values())
 
-    def broken(img, size, mode="squash"):
+    def broken(*args, **kwargs):
         raise TypeError("a bug in the resize code")
 
     monkeypatch.setattr(images, "resize_image", broken)

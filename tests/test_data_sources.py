@@ -139,8 +139,8 @@ def test_builtin_sample_is_real_fashion_mnist():
     assert d.classes[0] == "T-shirt_top" and d.channels == 1 and d.img_size == 28
     assert len(d.train) + len(d.val) >= 2000 and len(d.test) >= 500
     assert 0.2 < d.mean[0] < 0.4  # Fashion-MNIST's pixel mean is ~0.286
-    assert d.preprocessing == {"img_size": 28, "channels": 1, "resize": "squash", "mean": list(d.mean),
-                               "std": list(d.std)}
+    assert d.preprocessing == {"img_size": 28, "channels": 1, "resize": "squash", "crop_pct": 1.0,
+                               "interpolation": "bilinear", "mean": list(d.mean), "std": list(d.std)}
     assert d.split_record["splits"]["val"][0].startswith("sample/train/")
 
 

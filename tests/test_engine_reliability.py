@@ -52,6 +52,11 @@ def _cli(*args, background: bool = False):
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
 
 
+def _finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _one_error_line(proc, *needles):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -259,8 +264,9 @@ def test_divergence_after_a_good_epoch_keeps_its_files_bitwise(folder, tmp_path)
 # ---------------------------------------------------------------------- 6. one owner per run folder
 
 def test_a_run_folder_has_one_owner(folder, tmp_path):
-    common = ["train", str(folder), "--model", "mlp", "--epochs", "20", "--batch-size", "8", "--augment", "none",
-              "--workers", "1", "--out-dir", str(tmp_path), "--name", "same"]
+    epochs = 3
+    common = ["train", str(folder), "--model", "mlp", "--epochs", str(epochs), "--batch-size", "8", "--augment",
+              "none", "--workers", "1", "--out-dir", str(tmp_path), "--name", "same"]
     run = tmp_path / "same"
     a = _cli(*common, background=True)
     try:
@@ -269,9 +275,10 @@ def test_a_run_folder_has_one_owner(folder, tmp_path):
         _wait_for(lambda: (run / "config.yaml").exists() or a.poll() is not None, "the first run to start")
         os.kill(a.pid, signal.SIGSTOP)
         assert a.poll() is None, a.communicate()[1]
-        b = _cli(*common)
+        # a second train and a resume of the same folder, both while A holds it (at once: A is frozen)
+        b, c = _cli(*common, background=True), _cli("train", "--resume", str(run), background=True)
+        b, c = (_finished(p) for p in (b, c))
         _one_error_line(b, str(run), f"pid {a.pid}", "another imgarena process")
-        c = _cli("train", "--resume", str(run))
         _one_error_line(c, "cannot resume", f"pid {a.pid}")
         os.kill(a.pid, signal.SIGCONT)
         out, err = a.communicate(timeout=240)
@@ -280,7 +287,7 @@ def test_a_run_folder_has_one_owner(folder, tmp_path):
             os.kill(a.pid, signal.SIGKILL)
             a.wait()
     assert a.returncode == 0, err
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 20  # A's run alone, complete
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == epochs  # A's run alone, complete
     assert not (run / ".lock").exists()
 
 

@@ -67,7 +67,7 @@ def test_overfits_and_writes_every_artifact(folder, tmp_path):
     assert s["weights"] == "ema" and meta["weights"] == "ema"
     # checkpoint metadata: enough to rebuild and preprocess
     assert meta["class_names"] == ["cat", "dog", "fish"] and meta["model"]["name"] == "mlp"
-    assert set(meta["preprocessing"]) == {"img_size", "channels", "resize", "mean", "std"}
+    assert set(meta["preprocessing"]) == {"img_size", "channels", "resize", "crop_pct", "interpolation", "mean", "std"}
     assert meta["split"]["counts"]["train"] == len(data.train) and "val_acc" in meta["metrics"]
     assert read_metadata(run / "last.safetensors")["epoch"] == 25
     # the resolved config reproduces the run: lr and weight decay are filled in

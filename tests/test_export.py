@@ -84,7 +84,9 @@ def test_sidecar_static_batch_and_cli(tmp_path, capsys):
     assert "parity vs PyTorch" in printed and "OK" in printed and "max |logit diff|" in printed
     side = json.loads((tmp_path / "deploy" / "m.onnx.json").read_text())
     assert side["class_names"] == CLASSES and side["num_classes"] == 3
-    assert side["preprocessing"] == {"img_size": 12, "channels": 1, "resize": "crop", "mean": [0.3], "std": [0.2]}
+    # a checkpoint written without crop_pct/interpolation: the sidecar spells out the values it was made with
+    assert side["preprocessing"] == {"img_size": 12, "channels": 1, "resize": "crop", "crop_pct": 1.0,
+                                     "interpolation": "bilinear", "mean": [0.3], "std": [0.2]}
     assert side["parity"]["ok"] and side["parity"]["max_abs_diff"] <= PARITY_ATOL and side["opset"] == 18
     inp = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0]
     assert inp.shape == [1, 1, 12, 12]  # without --dynamic-batch: exactly one image

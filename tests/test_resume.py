@@ -13,10 +13,19 @@ from safetensors.torch import load_file
 from imgarena.checkpoint import read_metadata
 
 
-def _train(args, env_extra=None):
+def _start(args, env_extra=None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", IMGARENA_PROGRESS="0", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "imgarena", "train", *args], env=env, capture_output=True, text=True,
-                          timeout=240)
+    return subprocess.Popen([sys.executable, "-m", "imgarena", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _train(args, env_extra=None) -> subprocess.CompletedProcess:
+    return _finish(_start(args, env_extra))
 
 
 def test_kill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
@@ -25,11 +34,12 @@ def test_kill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     common = [str(data), "--model", "mlp", "--epochs", "3", "--batch-size", "4", "--accum-steps", "2",
               "--augment", "standard", "--mixup", "0.4", "--ema", "--ema-decay", "0.9", "--label-smoothing", "0.1",
               "--state-every", "2", "--deterministic", "--out-dir", str(tmp_path / "runs"), "--workers", "1"]
-    full = _train(common + ["--name", "full"])
-    assert full.returncode == 0, full.stderr
+    # The uninterrupted run and the one to be killed are independent processes (one thread each): at once.
     # 54 training images / 4 = 13 batches = 7 optimizer steps per epoch. Step 11 is inside epoch 2,
     # one step after the state saved at step 10: the resumed run redoes step 11 and goes on.
-    killed = _train(common + ["--name", "cut"], {"IMGARENA_TEST_KILL_AT_STEP": "11"})
+    procs = _start(common + ["--name", "full"]), _start(common + ["--name", "cut"], {"IMGARENA_TEST_KILL_AT_STEP": "11"})
+    full, killed = (_finish(p) for p in procs)
+    assert full.returncode == 0, full.stderr
     assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup ran
     cut = tmp_path / "runs" / "cut"
     assert not (cut / "summary.json").exists()

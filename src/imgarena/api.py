@@ -122,10 +122,9 @@ def _split_inputs(x) -> tuple[list, bool]:
 def image_decoder(preprocessing: dict):
     """One input item (path or PIL image) -> uint8 (C, H, W), preprocessed exactly like the training
     images (same resize, channel conversion and interpolation)."""
-    from imgarena.data.images import load_image, prepare_pil
+    from imgarena.data.images import decode_settings, load_image, prepare_pil
 
-    kw = dict(channels=int(preprocessing["channels"]), img_size=int(preprocessing["img_size"]),
-              resize=preprocessing.get("resize", "squash"))
+    kw = decode_settings(preprocessing)
 
     def decode(item) -> np.ndarray:
         return load_image(item, **kw) if isinstance(item, str) else prepare_pil(item, **kw)

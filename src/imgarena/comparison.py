@@ -3,7 +3,9 @@
 Fairness: the data is loaded once (one cache, one split) and handed to every run; every model gets
 the same seeds (so the same batch orders), augmentation, batch size and budget. `recipe="recommended"`
 swaps in each family's optimisation settings (optimizer, lr, weight decay, schedule, ...) but never
-the conditions in HELD_EQUAL.
+the conditions in HELD_EQUAL. A model with pretrained weights sees its inputs as the weights were
+trained (mean/std, size, crop, interpolation: `model_data_config`), so the data is loaded once per
+distinct preprocessing, every one on the first model's split (`same_split_as`).
 
 Runs: every model trains once per (seed, fold, repeat) in `run_plan` (`seeds` seeds on one split;
 `folds`/`repeats` plug in cross-validation folds, `data_for_run` being where a fold's split comes
@@ -15,7 +17,7 @@ has a test split, else the final epoch's val accuracy; best-over-epochs val accu
 labelled optimistic (it is selected on the very images it is measured on).
 
 Resumable: each run's record is keyed on its model name plus a hash of its fully resolved
-TrainConfig (seed included) and saved in `records/` when it finishes, so re-running the same
+TrainConfig (seed, pretrained weights and fine-tune mode included) and saved in `records/` when it finishes, so re-running the same
 command skips finished runs and a changed option retrains only what it changes. Per-image
 predictions of each run's ranked checkpoint are kept in `predictions/` (fingerprinted by the
 checkpoint file). results.json/csv are rewritten after every run, the full report after the first
@@ -52,6 +54,9 @@ RECORD_VERSION = 2  # records written before per-run statistics are measured aga
 # Excluded from a model's key: where things are written, not what is trained.
 _NOT_KEYED = ("out_dir", "name", "resume", "state_every")
 _NOT_KEYED_DATA = ("cache_dir", "workers")
+# Fields added after run keys existed: part of a key only when set away from their default.
+_KEYED_IF_SET = ("crop_pct", "interpolation", "mean", "std", "freeze_epochs", "lr_backbone", "layer_decay",
+                 "feature_views", "distill_from", "distill", "distill_temperature", "distill_weight", "distill_token")
 PREDICTIONS = "predictions"
 REPORT_EVERY_S = 60.0  # at most this often a mid-compare redraw of the report's figures
 DISAGREE_SHOWN = 12  # images drawn per direction in the report's disagreement figure
@@ -101,11 +106,13 @@ def recipe_overrides(cfg: CompareConfig, model: str) -> dict:
         return {}
     from imgarena.recipes import recommended_recipe
 
-    return {k: v for k, v in recommended_recipe(model).items() if k not in HELD_EQUAL}
+    pretrained = cfg.per_model.get(model, {}).get("pretrained", cfg.train.get("pretrained"))
+    return {k: v for k, v in recommended_recipe(model, pretrained=pretrained).items() if k not in HELD_EQUAL}
 
 
 def model_train_config(cfg: CompareConfig, model: str, recipe: dict, out: Path | None = None) -> TrainConfig:
-    """TrainConfig of one model: defaults < recipe < shared options < compare's conditions < per-model options."""
+    """TrainConfig of one model: defaults < recipe < shared options < compare's conditions < per-model
+    options; its data options left unset are filled from its pretrained weights' preprocessing."""
     d = dict(recipe)
     d.update(cfg.train)
     d.update(data=to_dict(cfg.data), model=model, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
@@ -113,24 +120,71 @@ def model_train_config(cfg: CompareConfig, model: str, recipe: dict, out: Path |
              time_budget=cfg.time_budget)
     d.update(cfg.per_model.get(model, {}))
     tc = from_dict(TrainConfig, d, where=f"options for {model}")
+    tc.data = model_data_config(tc)
     if out is not None:
         tc.out_dir = str(out)
         tc.name = f"{slug(model)}-{config_key(tc)}"
     return tc
 
 
+def model_data_config(tc: TrainConfig):
+    """The DataConfig `tc` trains on, as `imgarena train` resolves it: the data options left unset
+    filled from its pretrained weights' preprocessing (and photo's crop fraction). Compare loads
+    the data itself, once per distinct DataConfig, so it resolves this first."""
+    from imgarena.engine.preprocessing import resolve_data_config
+
+    try:
+        return resolve_data_config(tc)
+    except UserError as e:
+        raise UserError(f"{tc.model}: {e}") from None
+
+
 def config_key(tc: TrainConfig) -> str:
-    """Short hash of everything that changes what gets trained (not where it is written)."""
-    d = {k: v for k, v in to_dict(tc).items() if k not in _NOT_KEYED}
-    d["data"] = {k: v for k, v in d["data"].items() if k not in _NOT_KEYED_DATA}
+    """Short hash of everything that changes what gets trained (not where it is written): the
+    resolved config with the fine-tune mode in effect, and the size and time of a local weights file
+    (so replacing the file, or retraining the run folder it names, trains anew)."""
+    d = _keyed(to_dict(tc), TrainConfig, _NOT_KEYED)
+    d["data"] = _keyed(d["data"], type(tc.data), _NOT_KEYED_DATA)
+    d.pop("finetune", None)
+    if tc.pretrained or tc.finetune_mode != "full":
+        d["finetune"] = tc.finetune_mode
+        d["pretrained_files"] = _weights_fingerprint(tc.pretrained) if tc.pretrained else []
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _keyed(d: dict, cls, drop) -> dict:
+    """`d` without the unkeyed fields, and without the fields added since keys were introduced while
+    they hold their defaults (so a compare folder written before them still resumes)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return {k: v for k, v in d.items()
+            if k not in drop and not (k in _KEYED_IF_SET and k in defaults and v == defaults[k])}
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _weights_fingerprint(spec: str) -> list[str]:
+    """name:size:mtime of a local weights file, or of the weights in a run folder ([] for hub specs)."""
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            found = [p for d in (path, path / "checkpoints") if d.is_dir() for p in sorted(d.iterdir())
+                     if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+            return [_fingerprint(p) for p in found]
+        return [_fingerprint(path)] if path.is_file() else []
+    except OSError:  # vanished between the checks: the training run reports it
+        return []
 
 
 def slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
 
 
-def conditions_text(cfg: CompareConfig, data) -> str:
+def conditions_text(cfg: CompareConfig, data, tcs: dict | None = None) -> str:
+    """The report's "same conditions" sentence; `tcs` (RunSpec -> TrainConfig) adds each model's
+    weights and fine-tune mode when any starts from pretrained weights."""
     budget = []
     if cfg.epochs is not None or not cfg.time_budget:
         budget.append(f"{cfg.epochs or 10} epochs")
@@ -143,7 +197,29 @@ def conditions_text(cfg: CompareConfig, data) -> str:
             f"{len(data.classes)} classes, {data.img_size}px, {data.channels} channel(s)), split seed "
             f"{cfg.data.split_seed}, {_seeds_text(cfg)}, batch {cfg.batch_size}, budget {' or '.join(budget)} per model, "
             f"recipe {cfg.recipe}" + (f", shared options {shared}" if shared else "")
-            + (f". Per-model options: {per}" if per else "") + ".")
+            + (f". Per-model options: {per}" if per else "") + "." + _weights_text(tcs or {}))
+
+
+def _weights_text(tcs: dict) -> str:
+    by_model = {}
+    for spec, tc in tcs.items():
+        by_model.setdefault(spec.model, tc)
+    if not any(tc.pretrained for tc in by_model.values()):
+        return ""
+    parts = []
+    for m, tc in by_model.items():
+        d = tc.data
+        pre = [f"{d.img_size}px" if d.img_size else None, f"crop {d.crop_pct:g}" if d.crop_pct else None,
+               d.interpolation, f"mean/std {_floats(d.mean)}/{_floats(d.std)}" if d.mean is not None else None]
+        pre = [x for x in pre if x]
+        parts.append(f"{m}: {tc.finetune_mode} from {tc.pretrained or 'random init'}"
+                     + (f" ({', '.join(pre)})" if pre else ""))
+    return (" Weights and fine-tuning (a model with pretrained weights sees its inputs as they were trained with, "
+            "on the same split): " + "; ".join(parts) + ".")
+
+
+def _floats(vals) -> str:
+    return ",".join(f"{v:.3g}" for v in vals)
 
 
 def _seeds_text(cfg: CompareConfig) -> str:
@@ -200,6 +276,28 @@ def run_train_config(cfg: CompareConfig, spec: RunSpec, recipe: dict, out: Path)
     else:  # with seeds=1 the same name as before repeats existed, so older compare folders resume
         tc.name = f"{slug(spec.model)}-{key}"
     return tc
+
+
+def _split_of(data) -> list[list[str]]:
+    return [[str(p) for p in part.paths] if part is not None else [] for part in (data.train, data.val, data.test)]
+
+
+def same_split_as(data, ref):
+    """`data` (the same files under another preprocessing) split exactly as `ref`. The split is a
+    function of the files and the split options, except for the near-duplicate groups, which are
+    found on the decoded pixels and so may differ at another size or crop: `ref`'s groups decide."""
+    if _split_of(data) == _split_of(ref):
+        return data
+    from imgarena.data.prepare import split_pool
+
+    pool, ref_pool = data.pool, ref.pool
+    if pool is None or ref_pool is None or list(pool.ids) != list(ref_pool.ids):
+        raise RuntimeError("two preprocessings of one data source listed different files")
+    pool = dataclasses.replace(pool, groups=ref_pool.groups, group_counts=dict(ref_pool.group_counts))
+    out = split_pool(pool, pool.cfg, data.warnings)
+    if _split_of(out) != _split_of(ref):
+        raise RuntimeError("re-splitting with the same groups gave another split")
+    return out
 
 
 def _validate_design(cfg: CompareConfig) -> None:
@@ -304,7 +402,7 @@ def _score(run_dir: Path, which: str, tc: TrainConfig, part, data):
     device = resolve_device(tc.device)
     model, meta = load_model(run_dir, which=which, device=device)
     loader = BatchLoader(part, tc.eval_batch_size, shuffle=False, seed=tc.seed, device=device, augment="none",
-                         mean=data.mean, std=data.std)
+                         mean=data.mean, std=data.std, out_size=data.img_size)  # the eval view: centre crop
     ev = evaluate(model, loader, num_classes=meta["num_classes"], device=device, amp=resolve_amp(tc.amp, device),
                   return_outputs=True)
     del model
@@ -348,11 +446,40 @@ def measure_speed(run_dir: Path, tc: TrainConfig) -> dict:
             "peak_mem_mb": train["peak_mem_mb"]}
 
 
-def _empty_record(spec: RunSpec, status: str, key: str = "", run_dir: str = "", reason: str = "") -> dict:
+def _empty_record(spec: RunSpec, status: str, key: str = "", run_dir: str = "", reason: str = "",
+                  tc: TrainConfig | None = None) -> dict:
     rec = dict.fromkeys(RUN_FIELDS)
     rec.update(model=spec.model, seed=spec.seed, fold=spec.fold, repeat=spec.repeat, status=status,
                key=key or None, run_dir=run_dir or None, reason=reason or None, version=RECORD_VERSION)
+    if tc is not None:  # what the run was asked to start from, until its own files say what it used
+        rec.update(_weights_fields(tc.finetune_mode, {"source": tc.pretrained} if tc.pretrained else None))
     return rec
+
+
+def _weights_fields(finetune: str | None, pretrained: dict | None) -> dict:
+    pre = pretrained or {}
+    return {"finetune": finetune, "pretrained": pre.get("source"), "pretrained_kind": pre.get("kind"),
+            "pretrained_name": pre.get("name"), "pretrained_sha256": pre.get("sha256")}
+
+
+def weights_record(run_dir: Path, summary: dict) -> dict:
+    """The fine-tune mode and pretrained weights ({source, kind, name, sha256} or none) a run used, from
+    its summary.json, else from its config.yaml (runs written before summaries recorded them)."""
+    finetune, pretrained = summary.get("finetune"), summary.get("pretrained")
+    if isinstance(finetune, dict):  # the fine-tune record: mode, freeze epochs, lrs
+        finetune = finetune.get("mode")
+    if finetune is None or "pretrained" not in summary:
+        import yaml
+
+        try:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            saved = {}
+        spec = saved.get("pretrained")
+        if "pretrained" not in summary:
+            pretrained = {"source": str(spec)} if spec else None
+        finetune = finetune or saved.get("finetune") or ("two-stage" if spec else "full")
+    return _weights_fields(finetune, pretrained)
 
 
 def run_state(run_dir: Path) -> str:
@@ -383,6 +510,7 @@ def _train_one(spec: RunSpec, tc: TrainConfig, data, out: Path, progress: bool, 
     rec.update(record_from_history(history))
     rec.update(params=summary.get("params"), flops=summary.get("flops"), test_acc=summary.get("test_acc"))
     rec.update({k: summary.get(k) for k in ("temperature", "ece_before", "ece_after")})  # imgarena.calibration
+    rec.update(weights_record(run_dir, summary))
     rec.update(scores_from_predictions(run_predictions(out, run_dir, tc, data), len(data.classes)))
     flag = stats.undertrained(history, len(data.val), train_time_s=summary.get("train_time_s") or rec["train_time_s"])
     rec.update(undertrained=flag["undertrained"], undertrained_reason=flag["reason"],
@@ -430,6 +558,10 @@ def aggregate_model(model: str, runs: list[dict]) -> dict:
     row["class_f1"] = [statistics.fmean(col) for col in zip(*f1)] if f1 else None
     row["run_dir"] = ok[0]["run_dir"] if ok else None
     row["run_dirs"] = [r["run_dir"] for r in ok]
+    # a model's runs differ only in seed and fold: its first (finished) run says what it started from
+    src = ok[0] if ok else (runs[0] if runs else {})
+    row.update({k: src.get(k) for k in ("finetune", "pretrained", "pretrained_kind", "pretrained_name",
+                                         "pretrained_sha256")})
     return row
 
 
@@ -511,9 +643,11 @@ def disagreements(a: str, b: str, runs: list[dict], predictions: dict[str, dict]
 
 # ---------------------------------------------------------------- the comparison
 
-def explain_section(cfg: CompareConfig, records: dict, data, out: Path) -> list:
+def explain_section(cfg: CompareConfig, records: dict, model_data: dict, out: Path) -> list:
     """The report's "Where each model looks" section: each model's map (its first run, on the first
-    fold's validation images) side by side for the same images. Drawn once, for the final report."""
+    fold's validation images) side by side for the same images. Drawn once, for the final report.
+    The grid normalises every model's input with one data's statistics, so it shows the models that
+    share the first finished model's preprocessing."""
     from imgarena.engine.distributed import resolve_device
     from imgarena.explain import explain_grid_for_report
     from imgarena.report import explain_report_section
@@ -525,8 +659,9 @@ def explain_section(cfg: CompareConfig, records: dict, data, out: Path) -> list:
     if not first:
         return []
     spec0 = next(iter(first.values()))[0]
-    path = explain_grid_for_report(out, {m: rd for m, (_, rd) in first.items()}, data_for_run(data, cfg, spec0),
-                                   n=8, device=resolve_device(cfg.device))
+    data = model_data[spec0.model]
+    shown = {m: rd for m, (_, rd) in first.items() if model_data[m] is data}
+    path = explain_grid_for_report(out, shown, data_for_run(data, cfg, spec0), n=8, device=resolve_device(cfg.device))
     return [explain_report_section(path)] if path is not None else []
 
 
@@ -545,12 +680,23 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
     records_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "compare.yaml")
 
-    data = load_data(cfg.data, progress=progress)  # once: every model sees the same arrays
     recipes = {m: recipe_overrides(cfg, m) for m in cfg.models}
     plan = run_plan(cfg)
     tcs = {spec: run_train_config(cfg, spec, recipes[spec.model], out) for spec in plan}
-    records = {spec: _empty_record(spec, "pending", config_key(tc)) for spec, tc in tcs.items()}
-    results = {"config": to_dict(cfg), "conditions": conditions_text(cfg, data), "rule": rank_rule(data),
+    # Once per distinct preprocessing (one for all models unless pretrained weights bring their own):
+    # the same files, split and pixel cache for every model.
+    loaded: dict[str, object] = {}
+    model_data = {}
+    for spec, tc in tcs.items():
+        key = json.dumps(to_dict(tc.data), sort_keys=True, default=str)
+        if key not in loaded:
+            loaded[key] = load_data(tc.data, progress=progress)
+            if len(loaded) > 1:
+                loaded[key] = same_split_as(loaded[key], next(iter(loaded.values())))
+        model_data[spec.model] = loaded[key]
+    data = model_data[cfg.models[0]]
+    records = {spec: _empty_record(spec, "pending", config_key(tc), tc=tc) for spec, tc in tcs.items()}
+    results = {"config": to_dict(cfg), "conditions": conditions_text(cfg, data, tcs), "rule": rank_rule(data),
                "classes": list(data.classes), "state": "running"}
     sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test) if data.test is not None else 0}
 
@@ -560,7 +706,8 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
         for spec, r in records.items():
             if r.get("status") == "ok":
                 try:
-                    preds[r["run_dir"]] = run_predictions(out, out / r["run_dir"], tcs[spec], data_for_run(data, cfg, spec))
+                    preds[r["run_dir"]] = run_predictions(out, out / r["run_dir"], tcs[spec],
+                                                          data_for_run(model_data[spec.model], cfg, spec))
                 except (OSError, UserError):  # the run folder went missing: its record stands, no per-image test
                     pass
         models = [aggregate_model(m, [r for r in runs if r["model"] == m]) for m in cfg.models]
@@ -571,7 +718,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
         dis = disagreements(ranked[0]["model"], ranked[1]["model"], runs, preds) if len(ranked) >= 2 else None
         if dis is not None and cfg.folds == 1:  # the images themselves, for the report's figure
             for item in dis["only_a"][:DISAGREE_SHOWN] + dis["only_b"][:DISAGREE_SHOWN]:
-                item["image"] = getattr(data, item["split"]).images[item["index"]]
+                item["image"] = getattr(model_data[dis["a"]], item["split"]).images[item["index"]]
         results.update(state=state, runs=runs, models=models, pairwise=pairs, disagreements=strip_images(dis),
                        headline=headline(models, pairs, cfg.baseline))
         return write_report(out, results, disagreement=dis, figures=full,
@@ -600,7 +747,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
             log(f"[{i}/{n}] {label}: {action} -> {out / tc.name}")
             current = spec
             try:
-                rec = _train_one(spec, tc, data_for_run(data, cfg, spec), out, progress,
+                rec = _train_one(spec, tc, data_for_run(model_data[spec.model], cfg, spec), out, progress,
                                  speed=spec.model not in speed_done)
                 if rec.get("infer_img_s") is not None:
                     speed_done.add(spec.model)
@@ -608,7 +755,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
                 reason = str(e) if isinstance(e, UserError) else failure_reason(e)
                 trace = records_dir / f"{tc.name}.error.txt"
                 atomic_write_text(trace, traceback.format_exc())
-                rec = _empty_record(spec, "failed", config_key(tc), reason=reason)
+                rec = _empty_record(spec, "failed", config_key(tc), reason=reason, tc=tc)
                 log(f"[{i}/{n}] {label}: FAILED ({reason}; traceback in {trace})")
             finally:
                 _free_memory()
@@ -628,14 +775,15 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True, log=print, extra_s
         # Ctrl-C: the finished runs stay recorded (a re-run skips them); the report says what is missing.
         if current is not None:
             records[current] = _empty_record(current, "interrupted", config_key(tcs[current]),
-                                             reason="interrupted (Ctrl-C)")
+                                             reason="interrupted (Ctrl-C)", tc=tcs[current])
         publish("interrupted")
         raise
 
     states = {r["status"] for r in records.values()}
 
     def final_sections(res, folder):  # the explanation maps are drawn once, for the final report
-        return [*explain_section(cfg, records, data, folder), *(extra_sections(res, folder) if extra_sections else [])]
+        return [*explain_section(cfg, records, model_data, folder),
+                *(extra_sections(res, folder) if extra_sections else [])]
 
     report = publish("complete" if states <= {"ok"} else "complete with failures", sections=final_sections)
     return {**results, "report": str(report), "compare_dir": str(out)}

@@ -29,11 +29,14 @@ from imgarena.errors import UserError, closest_matches
 
 # Choice lists, defined here so the CLI (which imports no torch) and the checks share one copy.
 # The engine modules keep their own copies; tests/test_config_validation.py keeps them equal.
-AUGMENT_PRESETS = ("none", "flip", "light", "standard", "strong")  # imgarena.data.augment implements them
+AUGMENT_PRESETS = ("none", "flip", "light", "standard", "strong", "photo")  # imgarena.data.augment implements them
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-RESIZE_MODES = ("squash", "crop")
+RESIZE_MODES = ("squash", "crop", "pad")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+FINETUNE_MODES = ("full", "linear", "two-stage")
+DISTILL_MODES = ("soft", "hard")
 TTA_MODES = ("none", "flip", "crop", "flip-crop")
 CHECKPOINTS = ("best", "last")
 EVAL_SPLITS = ("auto", "test", "val", "train", "all")
@@ -497,7 +500,12 @@ def load_yaml(path, cls=None) -> dict:
 class DataConfig(Validated):
     source: str = opt("sample", nonempty=True)  # folder, CSV file, or built-in name: sample | fashion-mnist | cifar10
     img_size: int | None = opt(None, ge=8, le=4096)  # None: the images' own size when they all share one, else 224
-    resize: str = opt("squash", choices=RESIZE_MODES)  # squash (resize to a square, as the seeds do) | crop (shorter side + centre crop)
+    resize: str = opt("squash", choices=RESIZE_MODES)  # squash (resize to a square, as the seeds do) | crop (shorter side + centre crop) | pad (letterbox)
+    # The preprocessing pretrained weights bring (their pretrained_cfg) fills the next four when unset.
+    crop_pct: float | None = opt(None, gt=0, le=1)  # centre-crop fraction: images are stored at img_size / crop_pct (None: the weights', else 1; 0.875 with --augment photo)
+    interpolation: str | None = opt(None, choices=INTERPOLATIONS)  # resampling filter (None: the weights', else bilinear)
+    mean: list[float] | None = opt(None, split=True, example="e.g. 0.485,0.456,0.406")  # per-channel normalisation (None: the weights', else the training images' own)
+    std: list[float] | None = opt(None, gt=0, split=True, example="e.g. 0.229,0.224,0.225")
     channels: int | None = opt(None, choices=(1, 3))  # None: 1 when every image is grayscale, else 3
     val_fraction: float = opt(0.1, gt=0, lt=1)  # used only when the source has no val split
     split_seed: int = opt(0, ge=0)
@@ -515,6 +523,15 @@ class DataConfig(Validated):
             raise ConfigValueError("fold", f"must be below folds ({self.folds})", self.fold)
         if self.repeat and self.folds == 1:
             raise ConfigValueError("repeat", "reshuffles cross-validation folds: set folds >= 2 with it", self.repeat)
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is not None and len(v) not in (1, 3):
+                raise ConfigValueError(key, "needs 1 value (gray) or 3 (RGB), one per channel", v)
+        if (self.mean is None) != (self.std is None):
+            given = "mean" if self.mean is not None else "std"
+            raise ConfigValueError(given, "needs its partner: set both mean and std (or neither)", getattr(self, given))
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ConfigValueError("std", f"needs as many values as mean ({len(self.mean)})", self.std)
 
 
 @dataclass
@@ -524,11 +541,21 @@ class TrainConfig(Validated):
     data: DataConfig = field(default_factory=DataConfig)
     model: str = opt("mixer_t4", nonempty=True)
     model_kwargs: dict = opt(factory=dict, expect="a mapping of architecture options, e.g. {depth: 3}")  # architecture overrides
-    pretrained: str | None = opt(None, nonempty=True)  # "timm" or a path to timm-format weights
+    pretrained: str | None = opt(None, nonempty=True)  # timm (timm's hub weights) | a weights file (timm's or our format) | an imgarena run folder or checkpoint
+    finetune: str | None = opt(None, choices=FINETUNE_MODES)  # full | linear (frozen backbone, head only) | two-stage (head for freeze_epochs, then all); None: two-stage with pretrained, else full
+    freeze_epochs: int = opt(1, ge=0)  # two-stage: epochs that train the head only
+    lr_backbone: float | None = opt(None, gt=0)  # backbone lr = lr * this (None: 1 for full, 0.1 for two-stage)
+    layer_decay: float | None = opt(None, gt=0, le=1)  # layer-wise lr decay from the head down through the blocks, e.g. 0.75
+    feature_views: int = opt(1, ge=1)  # linear: stored feature views per training image (1: the centre crop; N > 1: N views augmented with --augment)
+    distill_from: str | None = opt(None, nonempty=True)  # a run folder or checkpoint whose predictions the model learns from
+    distill: str = opt("soft", choices=DISTILL_MODES)  # soft (KL to the teacher's tempered softmax) | hard (the teacher's argmax as a label)
+    distill_temperature: float = opt(3.0, gt=0)  # soft distillation temperature
+    distill_weight: float = opt(0.5, ge=0, le=1)  # share of the loss from the teacher (the rest from the labels)
+    distill_token: bool | None = None  # DeiT's distillation token (ViT family); None: on for models that have one
     epochs: int = opt(10, ge=1)
     time_budget: float | None = opt(None, gt=0, convert=_duration, expect=DURATION)  # seconds of training; stops mid-epoch when spent, then evaluates
     batch_size: int = opt(128, ge=1)
-    lr: float | None = opt(None, gt=0)  # None: the optimizer's default scaled by batch_size * accum_steps / 256
+    lr: float | None = opt(None, gt=0)  # None: the optimizer's default scaled by batch_size * accum_steps / 256 (linear / two-stage: 1e-2 adam(w), 0.1 sgd)
     optimizer: str = opt("adamw", choices=OPTIMIZERS)
     weight_decay: float | None = opt(None, ge=0)  # None: 0.05 for adamw, 0 for adam, 5e-4 for sgd
     momentum: float = opt(0.9, ge=0, lt=1)
@@ -559,6 +586,19 @@ class TrainConfig(Validated):
     deterministic: bool = False
     state_every: int = opt(200, ge=0)  # also save resumable state.pt every N optimizer steps (0: epoch ends only)
     resume: bool = False  # continue out_dir/name from its state.pt (`imgarena train --resume runs/NAME`)
+
+    def _check(self) -> None:
+        if self.finetune in ("linear", "two-stage") and not self.pretrained:
+            raise ConfigValueError("finetune", f"{self.finetune} trains a pretrained backbone: set pretrained too "
+                                   "(timm, a weights file or an earlier run folder)", self.finetune)
+        if self.distill_from and self.finetune == "linear":
+            raise ConfigValueError("distill_from", "trains the whole student: use finetune full or two-stage with it",
+                                   self.distill_from)
+
+    @property
+    def finetune_mode(self) -> str:
+        """The fine-tune mode in effect: finetune, or its default (two-stage with pretrained weights, else full)."""
+        return self.finetune or ("two-stage" if self.pretrained else "full")
 
 
 @dataclass

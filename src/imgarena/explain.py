@@ -195,26 +195,31 @@ def frame_size(w: int, h: int, lo: int, hi: int) -> tuple[int, int]:
     return max(1, round(w * f)), max(1, round(h * f))
 
 
-def to_image_frame(cam: np.ndarray, orig_wh: tuple[int, int], out_wh: tuple[int, int], resize: str) -> np.ndarray:
+def to_image_frame(cam: np.ndarray, orig_wh: tuple[int, int], out_wh: tuple[int, int], resize: str,
+                   crop_pct: float = 1.0) -> np.ndarray:
     """A map over the model's square input -> (out_h, out_w) over the original image (same aspect).
 
-    squash: the map is stretched back; crop: it covers the centre crop the model saw, NaN elsewhere.
+    squash (crop_pct 1): the map is stretched back; otherwise it covers the part of the image the
+    model saw (`imgarena.data.images.view_box`: crop, the centre crop of crop_pct, pad's letterbox,
+    whose bars fall outside the image), NaN elsewhere.
     """
     from PIL import Image
+
+    from imgarena.data.images import view_box
 
     S = cam.shape[0]
     ow, oh = out_wh
     img = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32), mode="F")
-    if resize != "crop":
+    if resize == "squash" and (crop_pct or 1.0) >= 1:
         return np.asarray(img.resize((ow, oh), Image.BILINEAR), dtype=np.float32)
     W, H = orig_wh
-    scale = S / min(W, H)  # as resize_image: shorter side to S, then the centre S x S
-    nw, nh = max(S, round(W * scale)), max(S, round(H * scale))
-    left, top = (nw - S) // 2, (nh - S) // 2
-    x0, x1 = round(left * ow / nw), round((left + S) * ow / nw)
-    y0, y1 = round(top * oh / nh), round((top + S) * oh / nh)
+    bx0, by0, bx1, by1 = view_box((W, H), S, resize, crop_pct)
+    x0, x1 = round(bx0 * ow / W), round(bx1 * ow / W)
+    y0, y1 = round(by0 * oh / H), round(by1 * oh / H)
+    seen = np.asarray(img.resize((max(1, x1 - x0), max(1, y1 - y0)), Image.BILINEAR))
     out = np.full((oh, ow), np.nan, dtype=np.float32)
-    out[y0:y1, x0:x1] = np.asarray(img.resize((max(1, x1 - x0), max(1, y1 - y0)), Image.BILINEAR))
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, ow), min(y1, oh)
+    out[cy0:cy1, cx0:cx1] = seen[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
     return out
 
 
@@ -484,7 +489,8 @@ def run_explain(cfg: ExplainConfig) -> list[ExplainRow]:
                 except BadImage as e:
                     rows.append(ExplainRow(p, error=str(e)))
                     continue
-                raw = to_image_frame(cam, (w, h), frame_size(w, h, 1, MAP_MAX_SIDE), pre.get("resize", "squash"))
+                raw = to_image_frame(cam, (w, h), frame_size(w, h, 1, MAP_MAX_SIDE), pre.get("resize") or "squash",
+                                     float(pre.get("crop_pct") or 1.0))
                 pw, ph = frame_size(w, h, PNG_MIN_SIDE, PNG_MAX_SIDE)
                 shown = np.asarray(rgb.resize((pw, ph), Image.BILINEAR))
                 heat = resize_map(raw, pw, ph)
@@ -520,6 +526,7 @@ def write_explain_png(run_dir, data, model, probs, *, method: str = "auto", limi
     said next to the map of the true class. `probs` (N, K) are the model's validation probabilities
     (as `plots.plot_errors` takes them). Returns the mistakes drawn; 0 (no file) when the model has no
     map to explain, which is logged."""
+    from imgarena.data.images import center_crop
     from imgarena.evaluation.plots import most_confident_errors
 
     split = data.val if split is None else split
@@ -535,6 +542,8 @@ def write_explain_png(run_dir, data, model, probs, *, method: str = "auto", limi
         save_png(img, path, head)
         return 0
     images = np.asarray(split.images[np.sort(idx)])[np.argsort(np.argsort(idx))]  # memmap: read in file order
+    # the eval view, what the model was scored on (a data object without img_size: images as they are)
+    images = np.ascontiguousarray(center_crop(images, getattr(data, "img_size", None) or images.shape[-1]))
     pred = np.asarray(probs)[idx].argmax(axis=1)
     was_training = model.training
     model.eval()
@@ -594,12 +603,14 @@ def explain_grid_for_report(compare_dir, run_dirs: dict, data, *, n: int = 8, me
     import torch
 
     from imgarena.checkpoint import atomic_write_text, load_model
+    from imgarena.data.images import center_crop
 
     val = data.val
     m = min(len(val.labels), pool)
     if not run_dirs or m == 0:
         return None
     images = np.asarray(val.images[:m])
+    images = np.ascontiguousarray(center_crop(images, getattr(data, "img_size", None) or images.shape[-1]))  # eval view
     targets = np.asarray(val.labels[:m])
     preds, failed = {}, {}
     for name, rd in run_dirs.items():

@@ -1,8 +1,8 @@
 """`imgarena export`: a run's best checkpoint as ONNX or TorchScript, verified against PyTorch.
 
-Beside the model goes `<file>.json` (class names, img_size, channels, resize, mean/std) so the
-exported file can be used without imgarena's training code (`imgarena predict model.onnx ...`
-needs only onnxruntime, numpy and Pillow). Parity is checked on real images, the first that apply:
+Beside the model goes `<file>.json` (class names, img_size, channels, resize, crop_pct,
+interpolation, mean/std) so the exported file can be used without imgarena's training code
+(`imgarena predict model.onnx ...` needs only onnxruntime, numpy and Pillow). Parity is checked on real images, the first that apply:
 --check-images, the run's own split files, the embedded sample, and only then random inputs.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from imgarena import __version__
 from imgarena.checkpoint import atomic_write, atomic_write_text, load_model, resolve_checkpoint
 from imgarena.config import ExportConfig
-from imgarena.data.images import BadImage, is_image_file, normalize, prepare_pil
+from imgarena.data.images import BadImage, decode_settings, is_image_file, normalize, prepare_pil
 from imgarena.errors import UserError
 from imgarena.model_card import read_summary, write_model_card
 from imgarena.onnx_predict import onnx_logits_fn, ort_session, sidecar_path
@@ -122,14 +122,13 @@ def _decode_some(paths, preprocessing: dict, limit: int) -> list[np.ndarray]:
 
 
 def _sample_images(preprocessing: dict, limit: int) -> list[np.ndarray]:
-    """Images from the embedded Fashion-MNIST sample, converted to the checkpoint's size/channels."""
+    """Images from the embedded Fashion-MNIST sample, preprocessed as the checkpoint's inputs are."""
     from PIL import Image
 
     from imgarena.data.builtin import load_sample
 
     x = load_sample().parts["test"][0][:limit]  # uint8 (N, 1, 28, 28)
-    kw = dict(channels=int(preprocessing["channels"]), img_size=int(preprocessing["img_size"]),
-              resize=preprocessing.get("resize", "squash"))
+    kw = decode_settings(preprocessing)
     return [prepare_pil(Image.fromarray(a[0], "L"), **kw) for a in x]
 
 
@@ -262,8 +261,9 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         "model": meta["model"],
         "num_classes": meta["num_classes"],
         "class_names": class_names_of(meta),
-        "preprocessing": {"img_size": pre["img_size"], "channels": pre["channels"], "resize": pre.get("resize", "squash"),
-                          "mean": list(pre["mean"]), "std": list(pre["std"])},
+        # every decode setting spelled out (old checkpoints' defaults filled in): the sidecar is the
+        # whole recipe for a deployment that has only onnxruntime, numpy and Pillow
+        "preprocessing": {**decode_settings(pre), "mean": list(pre["mean"]), "std": list(pre["std"])},
         "input": {"name": "input", "shape": ["batch" if cfg.dynamic_batch or cfg.format == "torchscript" else 1,
                                              pre["channels"], pre["img_size"], pre["img_size"]],
                   "dtype": "float32", "layout": "NCHW, normalized: (pixel / 255 - mean) / std"},

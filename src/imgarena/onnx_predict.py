@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from imgarena.config import PredictConfig
-from imgarena.data.images import normalize
+from imgarena.data.images import decode_settings, normalize
 from imgarena.errors import UserError
 from imgarena.evaluation.tta import parse_tta
 from imgarena.predict import (PredictionRow, check_options, class_names_of, expand_inputs, make_rows, model_temperature,
@@ -39,7 +39,7 @@ def read_sidecar(model_path) -> dict:
     try:
         meta = json.loads(side.read_text())
         pre = meta["preprocessing"]
-        _ = pre["img_size"], pre["channels"], pre["mean"], pre["std"]
+        _ = decode_settings(pre), pre["mean"], pre["std"]  # crop_pct / interpolation: absent in older sidecars
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{side} is not an imgarena export sidecar ({e}): re-run `imgarena export`") from None
     return meta

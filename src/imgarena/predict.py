@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from imgarena.config import PredictConfig
-from imgarena.data.images import BadImage, is_image_file, load_image, normalize
+from imgarena.data.images import BadImage, decode_settings, is_image_file, load_image, normalize
 from imgarena.data.scan import walk_images
 from imgarena.errors import UserError
 
@@ -110,9 +110,9 @@ def expand_inputs(inputs) -> list[str]:
 
 
 def path_decoder(preprocessing: dict) -> Callable[[str], np.ndarray]:
-    """Decode one file to uint8 (C, H, W) with a checkpoint's preprocessing."""
-    kw = dict(channels=int(preprocessing["channels"]), img_size=int(preprocessing["img_size"]),
-              resize=preprocessing.get("resize", "squash"))
+    """Decode one file to uint8 (C, H, W) with a checkpoint's preprocessing: resized to the store
+    size, then the centre img_size crop (crop_pct, interpolation; old checkpoints' defaults when absent)."""
+    kw = decode_settings(preprocessing)
     return lambda path: load_image(path, **kw)
 
 
@@ -255,6 +255,7 @@ def torch_logits_fn(model, preprocessing: dict, device, *, tta: str = "none", am
         raise UserError(f"amp {amp!r}: use one of {', '.join(AMP_MODES)}")
     amp_dtype = resolve_amp(amp, device)
     mean, std = preprocessing["mean"], preprocessing["std"]
+    interpolation = decode_settings(preprocessing)["interpolation"]  # TTA crops are resized back with it
     cuda = device.type == "cuda"
 
     def fn(u8: np.ndarray) -> np.ndarray:
@@ -262,7 +263,7 @@ def torch_logits_fn(model, preprocessing: dict, device, *, tta: str = "none", am
         if cuda:
             x = x.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(device, amp_dtype):
-            logits = tta_logits(model, x, tta)
+            logits = tta_logits(model, x, tta, interpolation=interpolation)
         return logits.float().cpu().numpy()
 
     return fn

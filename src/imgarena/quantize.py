@@ -48,31 +48,34 @@ def run_images(ckpt: Path, meta: dict, fallback: np.ndarray, fallback_source: st
     """The run's training and val images through its config.yaml (the same cached, split data
     training used); without a config.yaml (a bare checkpoint) the parity images stand in for both."""
     from imgarena.config import TrainConfig, from_dict, load_yaml
+    from imgarena.data.images import center_crop
 
     cfg_path = ckpt.parent / "config.yaml"
     if not cfg_path.is_file():
         log.warning("%s not found: calibrating int8 on %s, no accuracy check", cfg_path, fallback_source)
         return RunImages(fallback, fallback_source, None, None, fallback_source)
     from imgarena.data import load_data
+    from imgarena.data.prepare import with_preprocessing
 
     tc = from_dict(TrainConfig, load_yaml(cfg_path, TrainConfig), where=str(cfg_path))
     pre = meta["preprocessing"]
-    dc = dataclasses.replace(tc.data, img_size=int(pre["img_size"]), channels=int(pre["channels"]),
-                             resize=pre.get("resize", "squash"))
+    dc = with_preprocessing(tc.data, pre)
+    size = int(pre["img_size"])
     try:
         data = load_data(dc, progress=False)
     except UserError as e:
         raise UserError(f"--quantize needs the run's data to calibrate on ({cfg_path}: {e})") from None
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(data.train), size=min(CALIBRATION_IMAGES, len(data.train)), replace=False))
-    calib = np.stack([data.train.images[i] for i in idx])
+    # the eval view (centre crop of the stored images), what predict and the exported model see
+    calib = np.stack([center_crop(data.train.images[i], size) for i in idx])
     names = [str(c) for c in meta["class_names"]]
     if [str(c) for c in data.classes] != names:
         log.warning("%s: the data's classes differ from the checkpoint's; no accuracy check", dc.source)
         return RunImages(calib, f"{len(calib)} training images of {data.source}", None, None, fallback_source)
     n = len(data.val)
     vidx = np.arange(n) if n <= VERIFY_MAX_IMAGES else np.linspace(0, n - 1, VERIFY_MAX_IMAGES).astype(np.int64)
-    val = np.stack([data.val.images[i] for i in vidx])
+    val = np.stack([center_crop(data.val.images[i], size) for i in vidx])
     labels = np.asarray(data.val.labels, dtype=np.int64)[vidx]
     return RunImages(calib, f"{len(calib)} training images of {data.source}", val, labels,
                      f"{len(val)} val images of {data.source}")

@@ -20,8 +20,11 @@ thousands of images) trained for minutes on a CPU:
 - label smoothing 0.1 (Mixer without it: 81.1% vs 82.1%).
 
 Augmentation, epochs and image size depend on the data, not the family, so recipes leave them alone
-(benchmarks/time_to_accuracy.py uses --augment none: a few epochs of Fashion-MNIST underfit).
-`imgarena compare --recipe recommended` takes only the optimisation settings (not batch size).
+(benchmarks/time_to_accuracy.py uses --augment none: a few epochs of Fashion-MNIST underfit), with
+one exception: with pretrained weights the recipe takes augment "photo" (random resized crops of
+the stored photo, flip, colour jitter), the preset fine-tuning a pretrained backbone is made for.
+`imgarena compare --recipe recommended` takes only the optimisation settings (not batch size, and
+not the augmentation: compare holds that equal; pass --augment photo).
 """
 
 from __future__ import annotations
@@ -58,8 +61,14 @@ def family_of(model_name: str) -> str | None:
     return get_entry(model_name).family
 
 
-def recommended_recipe(model_name: str) -> dict:
-    """TrainConfig overrides recommended for `model_name`'s family ({} for an unknown timm family).
+# With pretrained weights (any --pretrained spec), on top of the family's recipe.
+PRETRAINED = dict(augment="photo")
+
+
+def recommended_recipe(model_name: str, *, pretrained: str | None = None) -> dict:
+    """TrainConfig overrides recommended for `model_name`'s family ({} for an unknown timm family),
+    plus PRETRAINED when the model starts from `pretrained` weights (a --pretrained spec).
     Unknown model names raise UserError with the closest names."""
     fam = family_of(model_name)
-    return dict(RECIPES.get(fam, {})) if fam else {}
+    recipe = dict(RECIPES.get(fam, {})) if fam else {}
+    return {**recipe, **PRETRAINED} if pretrained else recipe

@@ -28,7 +28,8 @@ RUN_FIELDS = [
     "epochs", "epochs_trained", "best_val_acc", "best_epoch", "final_val_acc", "best_val_loss", "final_val_loss",
     "best_val_top5", "train_time_s", "time_per_epoch_s", "train_img_s", "infer_img_s", "latency_p50_ms",
     "latency_p95_ms", "params", "flops", "peak_mem_mb", "undertrained", "undertrained_reason", "needed_epochs",
-    "needed_s", "run_dir", "key", "temperature", "ece_before", "ece_after",
+    "needed_s", "run_dir", "key", "temperature", "ece_before", "ece_after", "finetune", "pretrained",
+    "pretrained_kind", "pretrained_name", "pretrained_sha256",
 ]
 RESULT_FIELDS = RUN_FIELDS  # the name older callers use
 # One row per model in models.csv (and results.json "models").
@@ -37,15 +38,18 @@ MODEL_FIELDS = [
     "acc_ci", "best_val_acc", "final_val_acc", "test_acc", "epochs_trained", "undertrained", "undertrained_reason",
     "needed_epochs", "needed_s", "train_time_s", "time_per_epoch_s", "train_img_s", "train_img_s_std",
     "speed_vs_fastest", "speed_vs_baseline", "infer_img_s", "latency_p50_ms", "latency_p95_ms", "params", "flops",
-    "peak_mem_mb", "reason", "run_dir", "temperature", "ece_before", "ece_after",
+    "peak_mem_mb", "reason", "run_dir", "temperature", "ece_before", "ece_after", "finetune", "pretrained",
+    "pretrained_kind", "pretrained_name", "pretrained_sha256",
 ]
 PAIR_FIELDS = ["a", "b", "diff", "lo", "hi", "p", "p_holm", "significant", "method", "n_runs", "n_images", "only_a",
                "only_b", "speed_ratio", "speed_lo", "speed_hi", "speed_p"]
 
 # (field, header) of the per-model table (terminal, markdown, HTML). acc_text / ci_text /
-# flag_text are filled by _display_rows from the numeric fields.
+# flag_text are filled by _display_rows from the numeric fields; finetune_text / weights_text only
+# when some model starts from pretrained weights.
 TABLE_COLUMNS = [
-    ("model", "model"), ("status", "status"), ("runs", "runs"), ("acc_text", "ranked acc, mean ± std"),
+    ("model", "model"), ("status", "status"), ("runs", "runs"), ("finetune_text", "fine-tune"),
+    ("weights_text", "weights"), ("acc_text", "ranked acc, mean ± std"),
     ("ci_text", "95% CI"), ("best_val_acc", "best val acc (optimistic)"), ("final_val_acc", "final val acc"),
     ("epochs_trained", "epochs"), ("flag_text", "undertrained"), ("best_val_loss", "val loss"),
     ("best_val_top5", "top-5"), ("train_time_s", "train s"), ("time_per_epoch_s", "s/epoch"),
@@ -58,7 +62,7 @@ TERMINAL_COLUMNS = [c for c in TABLE_COLUMNS if c[0] not in ("best_val_loss", "l
                                                              "final_val_acc", "ece_text")]
 RUN_COLUMNS = [
     ("model", "model"), ("seed", "seed"), ("fold", "fold"), ("repeat", "repeat"), ("status", "status"),
-    ("rank_acc", "ranked acc"), ("best_val_acc", "best val acc (optimistic)"), ("final_val_acc", "final val acc"),
+    ("finetune_text", "fine-tune"), ("weights_text", "weights"), ("rank_acc", "ranked acc"), ("best_val_acc", "best val acc (optimistic)"), ("final_val_acc", "final val acc"),
     ("epochs_trained", "epochs"), ("undertrained", "undertrained"), ("train_time_s", "train s"),
     ("train_img_s", "train img/s"), ("run_dir", "run folder"), ("reason", "reason"),
 ]
@@ -228,6 +232,32 @@ def baseline_sentences(records: list[dict], baseline: str | None, pairs: list[di
     return out
 
 
+def transfer_shown(rows: list[dict]) -> bool:
+    """Whether the fine-tune and weights columns say anything: some row used pretrained weights or a
+    mode other than training everything from scratch."""
+    return any(r.get("pretrained") or r.get("finetune") not in (None, "full") for r in rows)
+
+
+def weights_text(row: dict) -> str:
+    """'timm (mixer_b16_224.miil_in21k)', 'runs/cnn_s-1 (run, sha256 1a2b3c4d)', or 'random init'."""
+    if not row.get("pretrained"):
+        return "random init"
+    source, kind, name = str(row["pretrained"]), row.get("pretrained_kind"), row.get("pretrained_name")
+    about = [kind if kind and source != kind and not source.startswith(f"{kind}:") else None,
+             name if kind == "timm" and name and name not in source else None,
+             f"sha256 {row['pretrained_sha256'][:8]}" if row.get("pretrained_sha256") else None]
+    about = [x for x in about if x]
+    return source + (f" ({', '.join(about)})" if about else "")
+
+
+def _with_transfer(rows: list[dict]) -> list[dict]:
+    if transfer_shown(rows):
+        for r in rows:
+            r["finetune_text"] = r.get("finetune") or "-"
+            r["weights_text"] = weights_text(r)
+    return rows
+
+
 def display_rows(models: list[dict]) -> list[dict]:
     """Model rows, ranked (best mean first, unfinished last), with the text cells of TABLE_COLUMNS."""
     models = _ranked(models) + [m for m in models if m.get("acc_mean") is None]
@@ -247,7 +277,7 @@ def display_rows(models: list[dict]) -> list[dict]:
         if m.get("ece_before") is not None and m.get("ece_after") is not None:
             r["ece_text"] = f"{m['ece_before']:.3f} → {m['ece_after']:.3f}"
         rows.append(r)
-    return rows
+    return _with_transfer(rows)
 
 
 def explanation(results: dict) -> list[str]:
@@ -274,6 +304,11 @@ def explanation(results: dict) -> list[str]:
              "claims compare runs with Welch's t-test on log throughput (one run: its epochs)."]
     if cfg.get("baseline"):
         lines.append(f"vs baseline: train throughput relative to {cfg['baseline']}.")
+    if transfer_shown(results.get("models", [])):
+        lines.append("Fine-tune: full trains every weight; linear trains only the head on a frozen backbone; two-stage "
+                     "trains the head first (freeze epochs), then everything with a lower backbone lr. Weights: what "
+                     "each model started from (the source as given, its kind and the file's sha256 where known); "
+                     "each model's inputs use the preprocessing its weights were trained with.")
     return [line for line in lines if line]
 
 
@@ -777,7 +812,7 @@ def _display_runs(runs: list[dict]) -> list[dict]:
         if r.get("undertrained") is not None:
             d["undertrained"] = (r.get("undertrained_reason") or "yes") if r["undertrained"] else "no"
         out.append(d)
-    return out
+    return _with_transfer(out)
 
 
 def render_markdown(results: dict, compare_dir: Path, figs, cms, *, disagreement_fig: Path | None = None,

@@ -7,7 +7,7 @@ import textwrap
 
 # DataConfig field -> the flag `add_data_args` gives it.
 DATA_FLAGS = ("img_size", "resize", "channels", "val_fraction", "split_seed", "subset", "cache_dir", "workers",
-              "folds", "fold", "repeat", "group_by", "dedup")
+              "folds", "fold", "repeat", "group_by", "dedup", "crop_pct", "interpolation", "mean", "std")
 
 
 def add_command(sub, name: str, help: str, examples: str, func) -> argparse.ArgumentParser:
@@ -36,11 +36,18 @@ def flags_for(keys, prefix: str = "") -> dict:
 def add_data_args(p: argparse.ArgumentParser, *, folds: bool = True) -> None:
     """Options that map onto `imgarena.config.DataConfig` (folds=False: without --folds/--fold/--repeat,
     for a command that has cross-validation flags of its own)."""
-    from imgarena.config import RESIZE_MODES
+    from imgarena.config import INTERPOLATIONS, RESIZE_MODES
 
     g = p.add_argument_group("data")
     g.add_argument("--img-size", type=int, default=None, help="resize images to this square size (default: their own size when uniform, else 224)")
-    g.add_argument("--resize", choices=list(RESIZE_MODES), default=None, help="squash to a square (default) or shorter-side resize + centre crop")
+    g.add_argument("--resize", choices=list(RESIZE_MODES), default=None,
+                   help="squash to a square (default), crop (shorter side + centre crop) or pad (letterbox: longer side, padded)")
+    g.add_argument("--crop-pct", type=float, default=None,
+                   help="centre-crop fraction: images are stored at size / crop-pct and cropped (default: the pretrained weights', "
+                        "else 1; 0.875 with --augment photo)")
+    g.add_argument("--interpolation", choices=list(INTERPOLATIONS), default=None, help="resampling filter (default: the weights', else bilinear)")
+    g.add_argument("--mean", default=None, metavar="M[,M,M]", help="normalisation mean per channel (default: the weights', else the images' own)")
+    g.add_argument("--std", default=None, metavar="S[,S,S]", help="normalisation std per channel (set with --mean)")
     g.add_argument("--channels", type=int, choices=[1, 3], default=None, help="force 1 or 3 channels (default: 1 when every image is grayscale)")
     g.add_argument("--val-fraction", type=float, default=None, help="validation share when the data has no val split (default 0.1)")
     g.add_argument("--split-seed", type=int, default=None, help="seed of the train/val split (default 0)")

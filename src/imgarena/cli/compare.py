@@ -11,6 +11,8 @@ imgarena compare fashion-mnist --models mixer_t4,vit_t4 --subset 5000 --epochs 1
 imgarena compare ./icons --models mlp,resnet18_cifar --epochs 5 --set lr=0.001 --set 'mlp:model_kwargs={hidden: [512]}'
 imgarena compare sample --models mixer_t4,vit_t4,cnn_s --seeds 3 --time-budget 40s   # mean, CI and tests over 3 runs each
 imgarena compare ./photos --models mlp,cnn_s --folds 5 --repeats 2 --group-by '^([^/]+/[^_]+)_'   # grouped 5-fold CV, twice
+imgarena compare ./photos --models resnet50,mobilenetv2,convnext_t --pretrained timm --finetune linear --augment photo
+imgarena compare ./photos --models mlp,cnn_s --set cnn_s:pretrained=runs/cnn_s-fashion   # cnn_s two-stage from a run, mlp from scratch
 imgarena compare --config compare.yaml      # a YAML file of CompareConfig keys (data, models, epochs, ...)
 (re-run the same command to resume: finished models are skipped)
 """
@@ -18,7 +20,7 @@ imgarena compare --config compare.yaml      # a YAML file of CompareConfig keys 
 
 def register(sub) -> None:
     from imgarena.cli.common import add_command, add_data_args
-    from imgarena.config import AUGMENT_PRESETS, COMPARE_RECIPES, OPTIMIZERS
+    from imgarena.config import AUGMENT_PRESETS, COMPARE_RECIPES, FINETUNE_MODES, OPTIMIZERS
 
     p = add_command(sub, "compare", "Train several architectures on the same data under the same conditions and report.",
                     EXAMPLES, run)
@@ -45,12 +47,22 @@ def register(sub) -> None:
                    help="augmentation for every model (default light)")
     p.add_argument("--lr", type=float, default=None, help="learning rate for every model")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="optimizer for every model")
+    p.add_argument("--pretrained", default=None, metavar="SPEC",
+                   help="weights every model starts from: timm (each model's timm hub weights), timm:NAME.TAG, a "
+                        "weights file or an earlier run folder; per model: --set MODEL:pretrained=SPEC (null: random init)")
+    p.add_argument("--finetune", choices=list(FINETUNE_MODES), default=None,
+                   help="fine-tune mode for every model: full, linear (frozen backbone, head only) or two-stage "
+                        "(default: two-stage for a model with pretrained weights, else full)")
     p.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
                    help="any `imgarena train` option (TrainConfig key) for every model, or for one with MODEL:; "
                         "VALUE is YAML (repeatable)")
     p.add_argument("--config", default=None, help="YAML file of compare options; flags override it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_data_args(p, folds=False)  # compare's own --folds/--repeats run every fold
+
+
+# Flags that set one TrainConfig option for every model (a --set MODEL:KEY=VALUE overrides them for one).
+_SHARED_FLAGS = ("augment", "lr", "optimizer", "pretrained", "finetune")
 
 
 def parse_set(items: list[str], models: list[str]) -> tuple[dict, dict]:
@@ -108,12 +120,10 @@ def build_config(args):
     shared, per = parse_set(args.set, models)
     train = mapping_of(base.get("train"), "train", where)
     per_model = mapping_of(base.get("per_model"), "per_model", where)
-    d["train"] = {**train, **{k: getattr(args, k) for k in ("augment", "lr", "optimizer")
-                              if getattr(args, k) is not None}, **shared}
+    d["train"] = {**train, **{k: getattr(args, k) for k in _SHARED_FLAGS if getattr(args, k) is not None}, **shared}
     d["per_model"] = {m: {**mapping_of(per_model.get(m), f"per_model.{m}", where), **per.get(m, {})}
                       for m in {*per_model, *per}}
-    flags = {**flags_for(given), **{f"train.{k}": f"--{k}" for k in ("augment", "lr", "optimizer")
-                                    if getattr(args, k) is not None}}
+    flags = {**flags_for(given), **{f"train.{k}": f"--{k}" for k in _SHARED_FLAGS if getattr(args, k) is not None}}
     return from_dict(CompareConfig, d, where=where, flags=flags)
 
 

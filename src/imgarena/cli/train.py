@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from imgarena.cli.common import add_command, add_data_args, data_config_from_args, flags_for
-from imgarena.config import AMP_MODES, AUGMENT_PRESETS, OPTIMIZERS, SCHEDULES
+from imgarena.config import AMP_MODES, AUGMENT_PRESETS, DISTILL_MODES, FINETUNE_MODES, OPTIMIZERS, SCHEDULES
 from imgarena.errors import UserError
 
 EXAMPLES = """
@@ -30,7 +30,8 @@ _FIELDS = ("model", "pretrained", "epochs", "time_budget", "batch_size", "lr", "
            "momentum", "schedule", "warmup_epochs", "step_size", "gamma", "label_smoothing", "mixup", "cutmix",
            "augment", "drop_path", "ema", "ema_decay", "clip_grad", "accum_steps", "seed", "device", "amp",
            "channels_last", "compile", "patience", "class_weights", "out_dir", "name", "eval_batch_size",
-           "deterministic", "state_every", "model_kwargs")
+           "deterministic", "state_every", "model_kwargs", "finetune", "freeze_epochs", "lr_backbone", "layer_decay",
+           "feature_views", "distill_from", "distill", "distill_temperature", "distill_weight", "distill_token")
 
 
 def register(sub) -> None:
@@ -57,7 +58,7 @@ def register(sub) -> None:
 
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default adamw")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 adam/adamw, 0.1 sgd, x batch/256)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 adam/adamw, 0.1 sgd, x batch/256; linear/two-stage fine-tunes: 1e-2 adam/adamw, 0.1 sgd)")
     g.add_argument("--weight-decay", type=float, default=None, help="default 0.05 adamw, 0 adam, 5e-4 sgd (never on norms/biases/embeddings)")
     g.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
     g.add_argument("--schedule", choices=list(SCHEDULES), default=None, help="learning-rate schedule, per step (default cosine)")
@@ -76,7 +77,28 @@ def register(sub) -> None:
     g.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default 0.999)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained", default=None, metavar="SPEC", help="timm (timm's weights) or a path to timm-format weights")
+    g.add_argument("--pretrained", default=None, metavar="SPEC",
+                   help="timm (timm's hub weights), a weights file (timm's or imgarena's format), or an earlier run folder "
+                        "(its backbone, a fresh head); the weights' preprocessing becomes the run's")
+
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--finetune", choices=list(FINETUNE_MODES), default=None,
+                   help="full (train everything), linear (frozen backbone: head on stored features), two-stage "
+                        "(head for --freeze-epochs, then everything); default two-stage with --pretrained, else full")
+    g.add_argument("--freeze-epochs", type=int, default=None, help="two-stage: epochs that train the head only (default 1)")
+    g.add_argument("--lr-backbone", type=float, default=None, help="backbone lr = --lr x this (default 0.1 for two-stage, 1 for full)")
+    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay from the head down the blocks, e.g. 0.75")
+    g.add_argument("--feature-views", type=int, default=None,
+                   help="linear: stored feature views per training image (default 1, the centre crop; N > 1: N views with --augment)")
+
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill-from", default=None, metavar="RUN", help="a trained run folder or checkpoint to learn from (the teacher)")
+    g.add_argument("--distill", choices=list(DISTILL_MODES), default=None,
+                   help="soft: match the teacher's tempered probabilities; hard: its predicted class as the label (default soft)")
+    g.add_argument("--distill-temperature", type=float, default=None, help="soft distillation temperature (default 3)")
+    g.add_argument("--distill-weight", type=float, default=None, help="share of the loss from the teacher, 0..1 (default 0.5)")
+    g.add_argument("--distill-token", action=argparse.BooleanOptionalAction, default=None,
+                   help="DeiT's distillation token (ViT family; default on when distilling a ViT)")
     g.add_argument("--model-kwargs", default=None, metavar="YAML", help="architecture overrides as a YAML mapping, e.g. '{depth: 4}'")
 
     g = p.add_argument_group("hardware")
@@ -119,7 +141,7 @@ def config_from_args(args):
         if args.recipe == "recommended":
             from imgarena.recipes import recommended_recipe
 
-            base.update(recommended_recipe(str(model)))
+            base.update(recommended_recipe(str(model), pretrained=args.pretrained or file_cfg.get("pretrained")))
         base.update(file_cfg)
     flags = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
     if "time_budget" in flags and "epochs" not in flags and "epochs" not in file_cfg and not args.resume:

@@ -14,6 +14,11 @@ Presets:
   reflect p=.3, RandomGamma 85-150 p=.3, RandomBrightnessContrast .5/.5 p=.4, CoarseDropout 1-4 holes of
   22-45% of the side p=.4) plus horizontal flip
 - strong: standard + a RandAugment-like policy (2 ops per sample) + random erasing (p=.25)
+- photo: for images stored larger than the training size (crop_pct < 1) and pretrained weights:
+  RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, as torchvision) to the output size, horizontal
+  flip (both one grid_sample), colour jitter (brightness/contrast/saturation 0.4, timm's default)
+
+Every preset but photo sees the centre crop of the stored images at the output size (the eval view).
 """
 
 from __future__ import annotations
@@ -249,13 +254,88 @@ def _compose(a, b):
     return (torch.cat([a, last], 1) @ torch.cat([b, last], 1))[:, :2]
 
 
-def augment_batch(x, preset: str, gen: torch.Generator, *, fill=None, inplace: bool = False):
+# ---- photo: RandomResizedCrop + flip + colour jitter ----
+
+def rrc_boxes(gen, b: int, h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10):
+    """Per-sample crop boxes (top, left, height, width) as float tensors, torchvision's
+    RandomResizedCrop.get_params batched: up to `attempts` (area, aspect) draws per sample, the
+    first that fits wins; a sample with none that fits gets torchvision's fallback (the whole image,
+    cropped to the nearest allowed aspect ratio, centred). The same number of draws whatever the
+    outcome, so the generator's stream never depends on the data."""
+    dev = gen.device
+    area = _u(gen, b * attempts, *scale).view(b, attempts) * (h * w)
+    aspect = torch.exp(_u(gen, b * attempts, math.log(ratio[0]), math.log(ratio[1]))).view(b, attempts)
+    cw = torch.sqrt(area * aspect).round()
+    ch = torch.sqrt(area / aspect).round()
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = torch.where(fits, torch.arange(attempts, 0, -1, device=dev), 0).argmax(1)  # first fitting attempt
+    any_fit = fits.any(1)
+    rows = torch.arange(b, device=dev)
+    cw, ch = cw[rows, first], ch[rows, first]
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        fw, fh = float(w), float(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = float(round(h * ratio[1])), float(h)
+    else:
+        fw, fh = float(w), float(h)
+    cw = torch.where(any_fit, cw, torch.full_like(cw, fw))
+    ch = torch.where(any_fit, ch, torch.full_like(ch, fh))
+    ry, rx = _u(gen, b), _u(gen, b)
+    top = torch.where(any_fit, (ry * (h - ch + 1)).floor().clamp(max=h - ch), ((h - ch) / 2).floor())
+    left = torch.where(any_fit, (rx * (w - cw + 1)).floor().clamp(max=w - cw), ((w - cw) / 2).floor())
+    return top, left, ch, cw
+
+
+def random_resized_crop(x, gen, out_size: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
+    """(B, C, H, W) -> (B, C, out_size, out_size): a random box per sample (`rrc_boxes`) resized
+    bilinearly to out_size, mirrored with probability flip_p, all in one affine grid_sample.
+    No antialiasing: crops are at most ~1/crop_pct larger than the output, so it barely downsamples."""
+    b, _, h, w = x.shape
+    top, left, ch, cw = rrc_boxes(gen, b, h, w, scale, ratio)
+    flip = torch.where(_coin(gen, b, flip_p), -1.0, 1.0).to(x.device)
+    top, left, ch, cw = (t.to(x.device) for t in (top, left, ch, cw))
+    # output [-1, 1] (pixel edges, align_corners=False) -> the box's edges in the input's normalised coords
+    zero = torch.zeros_like(cw)
+    theta = torch.stack([torch.stack([flip * cw / w, zero, (2 * left + cw) / w - 1], 1),
+                         torch.stack([zero, ch / h, (2 * top + ch) / h - 1], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), [b, x.shape[1], out_size, out_size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter_(x, gen, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4):
+    """torchvision's ColorJitter(brightness, contrast, saturation) per sample, in place, in a fixed
+    order (brightness, contrast, saturation; torchvision shuffles it per image, which would cost
+    three times the passes here): each factor uniform in [1 - v, 1 + v], results clamped to 0..1."""
+    b = x.shape[0]
+    fb = _col(_u(gen, b, 1 - brightness, 1 + brightness).to(x.device))
+    fc = _col(_u(gen, b, 1 - contrast, 1 + contrast).to(x.device))
+    fs = _col(_u(gen, b, 1 - saturation, 1 + saturation).to(x.device))
+    x.mul_(fb).clamp_(0, 1)
+    m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x.sub_(m).mul_(fc).add_(m).clamp_(0, 1)
+    if x.shape[1] == 3:
+        g = _gray(x)
+        x.sub_(g).mul_(fs).add_(g).clamp_(0, 1)
+    return x
+
+
+def augment_batch(x, preset: str, gen: torch.Generator, *, fill=None, inplace: bool = False,
+                  out_size: int | None = None):
     """Augment float (B, C, H, W) images in 0..1 with `preset`; `fill` = per-channel value for
-    random erasing (the dataset mean, so erased areas are 0 after normalising). The input is left
-    untouched unless inplace=True (the loader owns its batches and skips the copy)."""
+    random erasing (the dataset mean, so erased areas are 0 after normalising). `out_size` (default
+    H): photo crops at random to it, the other presets take the centre crop first. The input is
+    left untouched unless inplace=True (the loader owns its batches and skips the copy)."""
     if preset not in PRESETS:
         raise ValueError(f"augment must be one of {', '.join(PRESETS)}, got {preset!r}")
-    if preset == "none" or x.shape[0] == 0:
+    out_size = int(out_size or x.shape[-1])
+    if preset == "photo" and x.shape[0]:
+        return color_jitter_(random_resized_crop(x, gen, out_size), gen)
+    if out_size != x.shape[-1] or out_size != x.shape[-2]:
+        from imgarena.data.images import center_crop
+
+        x, inplace = center_crop(x, out_size).clone(), True  # a batch of its own now
+    if preset in ("none", "photo") or x.shape[0] == 0:
         return x
     if preset == "flip":
         return flip_(x if inplace else x.clone(), gen)

@@ -4,8 +4,10 @@ Each cache lives in `<cache_dir>/<key>/` (images.u8 + meta.json). Nothing is eve
 into RAM, so caches larger than memory work.
 
 What the key covers: every file's path, size, mtime_ns, ctime_ns and inode number, the source's own
-parts (train/val/test folders or CSV split column: the row layout), the decode settings (size,
-channels, resize mode) and CACHE_VERSION -- nothing else. Every file is stored once, in listing
+parts (train/val/test folders or CSV split column: the row layout), the decode settings (the size
+images are stored at, channels, resize mode, interpolation) and CACHE_VERSION -- nothing else. The
+stored size is the store size (img_size / crop_pct), so a 224 px run at crop_pct 0.875 and a 256 px
+run at 1.0 share one entry. Every file is stored once, in listing
 order; labels, splits, folds and subsets are index records computed on top of it
 (imgarena.data.prepare), so changing a seed, a fold or a subset never decodes again. Any change to
 the files builds a new cache; an unchanged dataset reuses the old one across runs. The ctime is what makes this hold for
@@ -389,12 +391,13 @@ def _reserve(path: str, nbytes: int) -> None:
 # ---- worker functions (run in child processes; numpy + Pillow only) ----
 
 def _decode_chunk(args, start: int, paths: list[str]):
-    folder, shape, img_size, channels, resize = args
+    folder, shape, img_size, channels, resize, interpolation = args
     mm = np.memmap(os.path.join(folder, IMAGES), dtype=np.uint8, mode="r+", shape=tuple(shape))
     bad, infos = [], []
     for row, p in enumerate(paths, start):
         try:
-            mm[row], info = decode_image(p, channels=channels, img_size=img_size, resize=resize)
+            mm[row], info = decode_image(p, channels=channels, img_size=img_size, resize=resize,
+                                         interpolation=interpolation)
             infos.append(info)
         except BadImage as e:
             bad.append((row, str(e)))
@@ -540,17 +543,19 @@ def _cache_error(cache_dir: str, e: OSError, nbytes: int) -> Exception:
 
 
 class FileFill:
-    """A `fill` for build(): decode `paths` into rows 0..N-1 in parallel processes. Afterwards
-    `infos[row]` is (width, height, gray) of each decoded file (None where it failed)."""
+    """A `fill` for build(): decode `paths` into rows 0..N-1 in parallel processes, at `img_size`
+    (the store size). Afterwards `infos[row]` is (width, height, gray) of each decoded file (None
+    where it failed)."""
 
     def __init__(self, paths: list[str], *, img_size: int, channels: int, resize: str, workers: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, interpolation: str = "bilinear"):
         self.paths, self.img_size, self.channels, self.resize = paths, img_size, channels, resize
+        self.interpolation = interpolation
         self.workers, self.progress = workers, progress
         self.infos: list = []
 
     def __call__(self, folder, shape):
-        args = (folder, list(shape), self.img_size, self.channels, self.resize)
+        args = (folder, list(shape), self.img_size, self.channels, self.resize, self.interpolation)
         bad, self.infos = [], []
         for part_bad, part_infos in map_chunks(_Bound(_decode_chunk, args), self.paths, workers=self.workers,
                                                progress=self.progress, desc="decoding images"):

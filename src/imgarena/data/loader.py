@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from imgarena.data.augment import PRESETS, augment_batch
+from imgarena.data.images import center_crop
 
 
 # (stop event, thread) of every prefetcher whose batch iterator has not been closed. An iterator
@@ -41,7 +42,12 @@ def _mix_seed(*parts: int) -> int:
 
 
 class BatchLoader:
-    """Iterate (x float32 (B, C, H, W) normalised, y int64 (B,)) on `device`.
+    """Iterate (x float32 (B, C, out_size, out_size) normalised, y int64 (B,)) on `device` (plus the
+    samples' positions in the split with return_index=True).
+
+    out_size (default: the images' own size): augment "photo" takes a random resized crop of each
+    stored image at this size; every other preset, and evaluation (augment "none"), its centre crop
+    (the eval view, `imgarena.data.images.center_crop`), cut before the pixels leave uint8.
 
     shuffle: reshuffle every epoch (call set_epoch); drop_last: skip the last partial batch;
     rank/world_size: this process's shard. pad=True (training): every rank gets the same number of
@@ -53,7 +59,8 @@ class BatchLoader:
 
     def __init__(self, split, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
                  device="cpu", augment: str = "none", mean=(0.5,), std=(0.5,), rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, prefetch: int = 2, pad: bool = True):
+                 channels_last: bool = False, prefetch: int = 2, pad: bool = True, return_index: bool = False,
+                 out_size: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if augment not in PRESETS:
@@ -65,13 +72,19 @@ class BatchLoader:
         self.device = torch.device(device)
         self.augment, self.rank, self.world_size, self.pad = augment, rank, world_size, pad
         self.channels_last, self.prefetch = channels_last, max(1, prefetch)
-        c = self.images.shape[1]
+        c, stored = self.images.shape[1], self.images.shape[-1]
+        self.out_size = int(out_size or stored)
+        if not 1 <= self.out_size <= min(self.images.shape[-2:]):
+            raise ValueError(f"out_size {out_size} must be between 1 and the images' size {stored}")
+        # the centre crop for every preset but photo; images already at out_size take the old path untouched
+        self._center = augment != "photo" and tuple(self.images.shape[-2:]) != (self.out_size, self.out_size)
         mean, std = list(mean), list(std)
         if len(mean) != c or len(std) != c:
             raise ValueError(f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self._pin = self.device.type == "cuda"
+        self.return_index = return_index  # also yield each sample's position in the split (int64 (B,), on device)
         self.epoch, self.start_step = 0, 0
 
     # ---- order ----
@@ -119,7 +132,10 @@ class BatchLoader:
     # ---- producing one batch ----
     def _make(self, epoch: int, step: int, order: np.ndarray):
         idx = np.sort(order[step * self.batch_size : (step + 1) * self.batch_size])
-        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        x = self.images[idx]
+        if self._center:
+            x = center_crop(x, self.out_size)
+        x = torch.from_numpy(np.ascontiguousarray(x))
         y = torch.from_numpy(self.labels[idx])
         if self._pin:
             x, y = x.pin_memory(), y.pin_memory()
@@ -127,10 +143,12 @@ class BatchLoader:
         y = y.to(self.device, non_blocking=True)
         if self.augment != "none":
             gen = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, epoch, step, 0xA06))
-            x = augment_batch(x, self.augment, gen, fill=self.mean.view(-1), inplace=True)
+            x = augment_batch(x, self.augment, gen, fill=self.mean.view(-1), inplace=True, out_size=self.out_size)
         x = x.sub_(self.mean).div_(self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.return_index:
+            return x, y, torch.from_numpy(idx).to(self.device, non_blocking=True)
         return x, y
 
     def __iter__(self):

@@ -14,7 +14,7 @@ from imgarena.config import DataConfig, validate
 from imgarena.data import cache
 from imgarena.data.builtin import BUILTINS, Builtin, load_builtin
 from imgarena.data.csvsource import read_csv
-from imgarena.data.images import prepare_pil
+from imgarena.data.images import decode_settings, prepare_pil, store_size
 from imgarena.data.parallel import progress_enabled
 from imgarena.data.scan import Listing, scan_folder
 from imgarena.data.split import group_stratified_folds, group_stratified_split, stratified_subset
@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    images: np.ndarray  # uint8 (N, C, H, W): a read-only cache.RowView of the cache's rows (or any array)
+    images: np.ndarray  # uint8 (N, C, S, S) at the store size: a read-only cache.RowView of the cache's rows (or any array)
     labels: np.ndarray  # int64 (N,)
     paths: list[str]  # file paths, or ids like "fashion-mnist/train/123" for built-ins
 
@@ -51,15 +51,25 @@ class PreparedData:
     warnings: list[str] = field(default_factory=list)
     cache_path: str = ""
     pool: Pool | None = field(default=None, repr=False, compare=False)  # for re-splitting without the cache
+    # Images are stored at store_size = floor(img_size / crop_pct); the model's (eval) input is their
+    # centre img_size crop (BatchLoader(out_size=img_size)), the photo preset crops them at random.
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
+    def store_size(self) -> int:
+        """The side of Split.images (== img_size when crop_pct is 1)."""
+        return store_size(self.img_size, self.crop_pct)
+
+    @property
     def preprocessing(self) -> dict:
         """What inference needs to reproduce training inputs (stored in checkpoints)."""
         return {"img_size": self.img_size, "channels": self.channels, "resize": self.resize,
+                "crop_pct": self.crop_pct, "interpolation": self.interpolation,
                 "mean": list(self.mean), "std": list(self.std)}
 
 
@@ -115,8 +125,9 @@ def _files_data(listing: Listing, cfg: DataConfig, *, progress: bool, kind: str)
     paths = [p for p, _ in rows]
     labels = np.array([lab for _, lab in rows], np.int64)
     rel = [_relative(p, listing.root) for p in paths]
+    crop_pct, interpolation = _crop_pct(cfg), _interpolation(cfg)
     base = {"kind": kind, "files": rel, "stats": cache.file_stats(paths), "resize": cfg.resize,
-            "parts": list(parts.items()), "root": listing.root}
+            "interpolation": interpolation, "parts": list(parts.items()), "root": listing.root}
     auto = cfg.img_size is None or cfg.channels is None
     # With automatic size/channels, a small alias file remembers what they resolved to, so an
     # unchanged dataset is found again without reading any image.
@@ -124,26 +135,51 @@ def _files_data(listing: Listing, cfg: DataConfig, *, progress: bool, kind: str)
     resolved = cache.read_alias(cfg.cache_dir, auto_key) if auto else (cfg.img_size, cfg.channels)
 
     def get(settings):
-        key = cache.make_key({**base, "img_size": settings[0], "channels": settings[1]})
+        # settings: the training (img_size, channels); the pixels are stored at the store size, so
+        # the key holds that size (what the pixels are), not img_size and crop_pct apart.
+        stored = store_size(settings[0], crop_pct)
+        key = cache.make_key({**base, "img_size": stored, "channels": settings[1]})
         entry = cache.lookup(cfg.cache_dir, key)
         if entry is None:
-            fill = cache.FileFill(paths, img_size=settings[0], channels=settings[1], resize=cfg.resize,
-                                  workers=cfg.workers, progress=progress)
-            entry = cache.build(cfg.cache_dir, key, n=len(rows), channels=settings[1], img_size=settings[0],
+            fill = cache.FileFill(paths, img_size=stored, channels=settings[1], resize=cfg.resize,
+                                  interpolation=interpolation, workers=cfg.workers, progress=progress)
+            entry = cache.build(cfg.cache_dir, key, n=len(rows), channels=settings[1], img_size=stored,
                                 sections=parts, fill=fill, meta={"source": cfg.source},
                                 stats_section=_stats_part(parts), extra=lambda: {"facts": _facts(fill.infos)})
         return entry
 
-    entry = get(resolved or _resolve_auto(cfg, _guess_facts(paths)))
+    settings = resolved or _resolve_auto(cfg, _guess_facts(paths))
+    entry = get(settings)
     if auto:
         # The cache records every decoded file's real size and mode (broken files excluded): if the
         # guess was wrong, build again with the right settings.
         actual = _resolve_auto(cfg, entry.meta["facts"])
-        if actual != (entry.meta["img_size"], entry.meta["channels"]):
+        if actual != tuple(settings):
             stale, entry = entry.path, get(actual)
             cache.remove(stale)
-        cache.write_alias(cfg.cache_dir, auto_key, (entry.meta["img_size"], entry.meta["channels"]))
-    return _prepare(entry, cfg, listing.classes, parts, paths, labels, rel, listing.root, kind, listing.warnings)
+            settings = actual
+        cache.write_alias(cfg.cache_dir, auto_key, settings)
+    return _prepare(entry, cfg, listing.classes, parts, paths, labels, rel, listing.root, kind, listing.warnings,
+                    img_size=int(settings[0]))
+
+
+def _crop_pct(cfg: DataConfig) -> float:
+    return 1.0 if cfg.crop_pct is None else float(cfg.crop_pct)
+
+
+def _interpolation(cfg: DataConfig) -> str:
+    return cfg.interpolation or "bilinear"
+
+
+def with_preprocessing(cfg: DataConfig, preprocessing: dict) -> DataConfig:
+    """`cfg` with a checkpoint's preprocessing: decoded the same way (size, channels, resize, crop_pct,
+    interpolation; keys an older checkpoint lacks get the values it was made with) and normalised
+    with its mean/std, so `load_data` gives the images the model was evaluated on."""
+    d = decode_settings(preprocessing)
+    return dataclasses.replace(cfg, img_size=d["img_size"], channels=d["channels"], resize=d["resize"],
+                               crop_pct=d["crop_pct"], interpolation=d["interpolation"],
+                               mean=[float(v) for v in preprocessing["mean"]],
+                               std=[float(v) for v in preprocessing["std"]])
 
 
 def _stats_part(parts) -> str:
@@ -170,6 +206,7 @@ class Pool:
     bad_files: list[tuple[str, str]]
     groups: np.ndarray | None = None  # per row: group label (near-duplicates and group_by), None without groups
     group_counts: dict = field(default_factory=dict)  # multi-member groups found by each source of groups
+    img_size: int = 0  # the training size (the cache holds the images at store_size(img_size, crop_pct))
 
 
 def _chain_pairs(labels: np.ndarray) -> np.ndarray:
@@ -295,22 +332,33 @@ def split_pool(pool: Pool, cfg: DataConfig, warnings=()) -> PreparedData:
 
     groups = [] if pool.groups is None else [[pool.ids[i] for i in g if used[i]] for g in groups_of(pool.groups)]
     root = pool.root
+    crop_pct = _crop_pct(cfg)
+    channels = int(meta["channels"])
+    if cfg.mean is None:
+        mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    else:  # explicit statistics (the pretrained weights') replace the data's own
+        mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+        if len(mean) != channels or len(std) != channels:
+            raise UserError(f"--mean/--std: {len(mean)} value(s) for the {channels}-channel images of {cfg.source}: "
+                            f"give {channels} values each, one per channel (or set --channels {len(mean)})")
     record = {
         "source": cfg.source, "kind": pool.kind, "root": root, "classes": list(pool.classes),
         "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "subset": cfg.subset,
         "folds": cfg.folds, "fold": cfg.fold, "repeat": cfg.repeat, **info,
         "dedup": cfg.dedup, "group_by": cfg.group_by, "group_counts": dict(pool.group_counts),
-        "img_size": meta["img_size"], "channels": meta["channels"], "resize": cfg.resize,
+        "img_size": pool.img_size, "channels": channels, "resize": cfg.resize, "crop_pct": crop_pct,
+        "interpolation": _interpolation(cfg), "store_size": int(meta["img_size"]),
         "counts": {k: len(v) for k, v in splits.items()}, "cache_key": os.path.basename(pool.entry.path),
         "bad_files": [[os.path.relpath(p, root) if root else p, r] for p, r in pool.bad_files],
         "groups": [g for g in groups if len(g) > 1],  # kept on one side; those spanning own parts are warned about
         "splits": record_splits,
     }
     return PreparedData(
-        source=cfg.source, classes=list(pool.classes), channels=int(meta["channels"]), img_size=int(meta["img_size"]),
+        source=cfg.source, classes=list(pool.classes), channels=channels, img_size=int(pool.img_size),
         resize=cfg.resize, train=splits["train"], val=splits["val"], test=splits.get("test"),
-        mean=tuple(meta["mean"]), std=tuple(meta["std"]), bad_files=list(pool.bad_files), split_record=record,
-        warnings=list(warnings), cache_path=pool.entry.path, pool=pool,
+        mean=mean, std=std, bad_files=list(pool.bad_files), split_record=record,
+        warnings=list(warnings), cache_path=pool.entry.path, pool=pool, crop_pct=crop_pct,
+        interpolation=_interpolation(cfg),
     )
 
 
@@ -339,7 +387,7 @@ def resplit(data: PreparedData, **changes) -> PreparedData:
 
 
 def _prepare(entry: cache.CacheEntry, cfg, classes, parts: dict[str, int], paths, labels, ids, root, kind,
-             warnings) -> PreparedData:
+             warnings, *, img_size: int) -> PreparedData:
     meta = entry.meta
     n = len(paths)
     bad_rows = {int(r): reason for r, reason in meta["bad"]}
@@ -351,13 +399,19 @@ def _prepare(entry: cache.CacheEntry, cfg, classes, parts: dict[str, int], paths
         part_rows[name] = np.arange(start, start + count, dtype=np.int64)
         start += count
     bad_files = [(paths[r], reason) for r, reason in sorted(bad_rows.items())]
-    pool = Pool(cfg, entry, list(classes), part_rows, labels, list(paths), list(ids), cache_row, root, kind, bad_files)
+    pool = Pool(cfg, entry, list(classes), part_rows, labels, list(paths), list(ids), cache_row, root, kind, bad_files,
+                img_size=img_size)
+    if store_size(img_size, _crop_pct(cfg)) != int(entry.meta["img_size"]):
+        raise RuntimeError(f"cache {entry.path} holds {entry.meta['img_size']} px images, not the store size of "
+                           f"{img_size} px at crop_pct {_crop_pct(cfg)}")
     _find_groups(pool, cfg)
     return split_pool(pool, cfg, list(warnings) + _leak_warnings(pool, cfg))
 
 
-def _array_filler(arrays: list[np.ndarray], native_size: int, img_size: int, channels: int, resize: str):
-    """`fill` for built-ins: copy (and if needed resize / change channels) in-memory images."""
+def _array_filler(arrays: list[np.ndarray], native_size: int, img_size: int, channels: int, resize: str,
+                  interpolation: str = "bilinear"):
+    """`fill` for built-ins: copy (and if needed resize to `img_size`, the store size, or change
+    channels) in-memory images, decoded as image files of the same pixels would be."""
 
     def fill(folder, shape):
         mm = np.memmap(os.path.join(folder, cache.IMAGES), dtype=np.uint8, mode="r+", shape=shape)
@@ -377,7 +431,8 @@ def _array_filler(arrays: list[np.ndarray], native_size: int, img_size: int, cha
 
                 for i in range(len(x)):
                     img = Image.fromarray(x[i, 0] if x.shape[1] == 1 else x[i].transpose(1, 2, 0))
-                    mm[row + i] = prepare_pil(img, channels=channels, img_size=img_size, resize=resize)
+                    mm[row + i] = prepare_pil(img, channels=channels, img_size=img_size, resize=resize,
+                                              interpolation=interpolation)
             row += len(x)
         mm.flush()
         del mm
@@ -394,15 +449,17 @@ def _builtin_data(b: Builtin, cfg: DataConfig) -> PreparedData:
     native_c, native = arrays[0].shape[1], arrays[0].shape[2]
     img_size = cfg.img_size or native
     channels = cfg.channels or native_c
+    stored, interpolation = store_size(img_size, _crop_pct(cfg)), _interpolation(cfg)
     key = cache.make_key({
         "kind": "builtin", "name": b.name, "stats": cache.file_stats(b.files), "files": b.files,
-        "img_size": img_size, "channels": channels, "resize": cfg.resize, "parts": list(parts.items()),
+        "img_size": stored, "channels": channels, "resize": cfg.resize, "interpolation": interpolation,
+        "parts": list(parts.items()),
     })
     entry = cache.lookup(cfg.cache_dir, key) or cache.build(
-        cfg.cache_dir, key, n=len(ids), channels=channels, img_size=img_size, sections=parts,
-        fill=_array_filler(arrays, native, img_size, channels, cfg.resize), meta={"source": cfg.source},
+        cfg.cache_dir, key, n=len(ids), channels=channels, img_size=stored, sections=parts,
+        fill=_array_filler(arrays, native, stored, channels, cfg.resize, interpolation), meta={"source": cfg.source},
         stats_section=_stats_part(parts))
-    return _prepare(entry, cfg, b.classes, parts, ids, labels, ids, "", "builtin", [])
+    return _prepare(entry, cfg, b.classes, parts, ids, labels, ids, "", "builtin", [], img_size=img_size)
 
 
 def _load(cfg: DataConfig, *, progress: bool = True, min_classes: int = 2) -> PreparedData:

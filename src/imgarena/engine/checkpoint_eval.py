@@ -7,7 +7,6 @@ data simply get support 0 in the per-class report.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
     from imgarena.checkpoint import load_model, resolve_checkpoint
     from imgarena.data import load_data
     from imgarena.data.loader import BatchLoader
-    from imgarena.data.prepare import Split
+    from imgarena.data.prepare import Split, with_preprocessing
     from imgarena.engine.distributed import resolve_device
     from imgarena.engine.evaluate import evaluate, metrics_from_sums, resolve_amp
     from imgarena.evaluation import metrics
@@ -45,8 +44,7 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
     pre = meta["preprocessing"]
     names = [str(c) for c in meta["class_names"]]
     k = len(names)
-    data = load_data(dataclasses.replace(cfg.data, img_size=int(pre["img_size"]), channels=int(pre["channels"]),
-                                         resize=pre.get("resize", "squash")), progress=progress, need_val=False,
+    data = load_data(with_preprocessing(cfg.data, pre), progress=progress, need_val=False,
                      min_classes=1)  # new images of one of the model's classes are a valid test set
 
     # Data labels -> the model's class indices, by class name (-1: a class the model never saw).
@@ -70,7 +68,7 @@ def evaluate_checkpoint(cfg: EvalConfig, *, progress: bool = True) -> dict:
     outs = []
     for part in parts:
         loader = BatchLoader(part, cfg.batch_size, shuffle=False, device=device, augment="none",
-                             mean=pre["mean"], std=pre["std"])
+                             mean=pre["mean"], std=pre["std"], out_size=int(pre["img_size"]))
         outs.append(evaluate(model, loader, num_classes=k, device=device, amp=amp, return_outputs=True, tta=tta))
     sums = {key: sum(o["sums"][key] for o in outs) for key in outs[0]["sums"]}
     scores = metrics_from_sums(sums, k)

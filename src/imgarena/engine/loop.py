@@ -40,6 +40,9 @@ class StepSettings:
     cutmix: float = 0.0
     class_weights: torch.Tensor | None = None
     log_every: int = 10  # progress refresh interval in batches
+    # imgarena.engine.distill.DistillLoss: replaces compute_loss when a teacher is set (the only
+    # place that knows about a distillation token's two outputs)
+    distill: Callable | None = None
 
 
 @dataclass
@@ -160,7 +163,9 @@ def train_one_epoch(model, loader, optimizer, schedule, s: StepSettings, *, epoc
     mix_gen = torch.Generator(device="cpu")
     shown = meter.batches
     tick = time.perf_counter()
-    for i, (x, y) in enumerate(loader, start=meter.batches):
+    for i, batch in enumerate(loader, start=meter.batches):
+        x, y = batch[0], batch[1]
+        idx = batch[2] if len(batch) > 2 else None  # positions in the split (stored teacher logits)
         torch.manual_seed(step_seed(s.seed, epoch, i, s.rank))
         target = y
         if mixing(s):
@@ -177,7 +182,10 @@ def train_one_epoch(model, loader, optimizer, schedule, s: StepSettings, *, epoc
         with sync_ctx:
             with autocast(s.device, s.amp):
                 logits = model(x)
-            loss = compute_loss(logits, target, s)
+            if s.distill is not None:
+                loss, logits = s.distill(logits, target, s, x=x, idx=idx)
+            else:
+                loss = compute_loss(logits, target, s)
             scaled = loss / group_size
             (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
         with torch.no_grad():

@@ -28,7 +28,7 @@ import torch
 from imgarena import __version__
 from imgarena.checkpoint import atomic_write_text, save_checkpoint, unwrap_model
 from imgarena.config import TrainConfig, save_yaml, to_dict
-from imgarena.engine import distributed
+from imgarena.engine import distributed, finetune
 from imgarena.engine.console import Console
 from imgarena.engine.ema import ModelEma
 from imgarena.engine.evaluate import evaluate, metrics_from_sums, resolve_amp
@@ -74,31 +74,63 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
     _set_determinism(cfg.deterministic, device)
 
     # ------------------------------------------------------------------ data
-    size = cfg.img_size or cfg.data.img_size
-    if data is None and size:  # refuse a model that cannot fit before decoding a single image
-        from imgarena.models import check_model_fits
+    from imgarena.engine.preprocessing import check_prepared, resolve_data_config
+    from imgarena.models.pretrained import pretrained_record, source_model_kwargs
 
-        check_model_fits(cfg.model, img_size=size, train_device=device, **cfg.model_kwargs)
+    # A run's weights bring its architecture options (explicit ones win) and every source its
+    # preprocessing (what the user left unset); both are checked before any image is decoded.
+    # A resumed run reads neither again: its config.yaml holds the merged options and preprocessing,
+    # state.pt the weights, the last checkpoint the record (the source may be gone by now).
+    if cfg.resume:
+        model_kwargs, resumed_data = _resumed_settings(cfg, run_dir)
+        pretrained = _resumed_record(run_dir)
+    else:
+        model_kwargs = {**source_model_kwargs(cfg.pretrained, cfg.model), **cfg.model_kwargs}
+        pretrained = pretrained_record(cfg.pretrained, cfg.model)
     if data is None:
-        data = _load_data(cfg, dist, progress)
+        data_cfg = resolve_data_config(cfg) if not cfg.resume else resumed_data
+        if data_cfg.img_size:  # refuse a model that cannot fit before decoding a single image
+            from imgarena.models import check_model_fits
+
+            check_model_fits(cfg.model, img_size=data_cfg.img_size, train_device=device, **model_kwargs)
+        data = _load_data(data_cfg, dist, progress)
+    else:
+        data_cfg = check_prepared(data, cfg)
     classes = list(data.classes)
     num_classes = len(classes)
     if num_classes < 2:
         raise UserError(f"{data.source}: found {num_classes} class; training needs at least 2 class folders")
+    teacher = None
+    if cfg.distill_from:  # before the model: a teacher trained on other classes fails fast
+        from imgarena.engine.distill import load_teacher
+
+        teacher = load_teacher(cfg.distill_from, data, device)
 
     # ------------------------------------------------------------------ model
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+    from imgarena.engine.distill import student_kwargs
     from imgarena.models import create_model
 
     model = create_model(cfg.model, num_classes=num_classes, in_chans=data.channels, img_size=data.img_size,
-                         drop_path_rate=cfg.drop_path, pretrained=cfg.pretrained, train_device=device,
-                         **cfg.model_kwargs)
+                         drop_path_rate=cfg.drop_path, pretrained=None if cfg.resume else cfg.pretrained,
+                         train_device=device,
+                         **student_kwargs(cfg, model_kwargs))  # + DeiT's distillation token when distilling a ViT
     params, flops = _count(model, (data.channels, data.img_size, data.img_size))
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
-    train_model = distributed.wrap_ddp(model, dist)
+    # Fine-tune mode: linear / two-stage start with the backbone frozen. The linear probe trains the
+    # head alone (`core`) on each image's stored features, computed here once (or read back).
+    plan = finetune.FinetunePlan.from_config(cfg)
+    plan.apply(model, 0)
+    probe = None
+    if finetune.uses_features(cfg):
+        probe = finetune.LinearProbe(model, data, cfg, device=device, amp=amp, dist=dist,
+                                     per_rank_batch=max(1, cfg.batch_size // dist.world_size))
+        console.info(probe.message())
+    core = probe.head if probe is not None else model
+    ema = ModelEma(core, cfg.ema_decay) if cfg.ema else None
+    train_model = distributed.wrap_ddp(core, dist)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -106,32 +138,47 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
     from imgarena.data.loader import BatchLoader
 
     per_rank_batch = max(1, cfg.batch_size // dist.world_size)
+    # out_size: the model's input is the centre img_size crop of the stored images (or the photo preset's random crop)
     common = dict(device=device, mean=data.mean, std=data.std, rank=dist.rank, world_size=dist.world_size,
-                  channels_last=cfg.channels_last)
+                  channels_last=cfg.channels_last, out_size=data.img_size)
     train_loader = BatchLoader(data.train, per_rank_batch, shuffle=True, seed=cfg.seed,
-                               drop_last=len(data.train) >= 2 * cfg.batch_size, augment=cfg.augment, **common)
+                               drop_last=len(data.train) >= 2 * cfg.batch_size, augment=cfg.augment,
+                               return_index=teacher is not None, **common)
     # Unpadded: every val image is scored exactly once across ranks (the per-rank sums are all-reduced).
     val_loader = BatchLoader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, augment="none",
                              pad=False, **common)
-    lr = resolve_lr(cfg.optimizer, cfg.lr, cfg.batch_size * cfg.accum_steps)
+    if probe is not None:  # (features, labels) batches instead of images
+        train_loader, val_loader = probe.train_loader, probe.val_loader
+    lr = resolve_lr(cfg.optimizer, cfg.lr, cfg.batch_size * cfg.accum_steps, plan.mode)
     weight_decay = resolve_weight_decay(cfg.optimizer, cfg.weight_decay)
-    optimizer = build_optimizer(model, cfg.optimizer, lr=lr, weight_decay=weight_decay, momentum=cfg.momentum)
+    # groups by parameter kind, backbone lr scale and layer (plan); a frozen linear backbone has none
+    optimizer = build_optimizer(model, cfg.optimizer, lr=lr, weight_decay=weight_decay, momentum=cfg.momentum,
+                                **plan.optimizer_kwargs())
+    param_groups = finetune.describe(model, optimizer)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     schedule = Schedule(optimizer, cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-                        warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, gamma=cfg.gamma)
+                        warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, gamma=cfg.gamma,
+                        restart_epoch=plan.restart_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     settings = StepSettings(device=device, num_classes=num_classes, seed=cfg.seed, rank=dist.rank, amp=amp,
                             scaler=scaler, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
                             label_smoothing=cfg.label_smoothing, mixup=cfg.mixup, cutmix=cfg.cutmix,
                             class_weights=_class_weights(cfg.class_weights, data.train.labels, num_classes, device))
+    if teacher is not None:
+        from imgarena.engine.distill import build_distill_loss
+
+        settings.distill = build_distill_loss(cfg, teacher, model, data, device=device, amp=amp, dist=dist)
+        console.info(f"distilling from {teacher.path} ({cfg.distill}, T {cfg.distill_temperature:g}, weight "
+                     f"{cfg.distill_weight:g}{', distillation token' if settings.distill.token else ''}; teacher "
+                     f"logits {settings.distill.teacher_logits})")
 
     # The resolved config: what was actually used, so config.yaml alone reproduces the run.
     resolved = dataclasses.replace(
         cfg, lr=lr, weight_decay=weight_decay, img_size=data.img_size, name=run_dir.name, resume=False,
-        out_dir=str(run_dir.parent),
-        data=dataclasses.replace(cfg.data, source=data.source, img_size=data.img_size, channels=data.channels,
+        out_dir=str(run_dir.parent), model_kwargs=model_kwargs,
+        data=dataclasses.replace(data_cfg, source=data.source, img_size=data.img_size, channels=data.channels,
                                  resize=data.resize))
-    meta_base = _meta_base(model, data, resolved)
+    meta_base = _meta_base(model, data, resolved, pretrained=pretrained)
 
     # ------------------------------------------------------------------ resume
     start_epoch, global_step, meter = 0, 0, None
@@ -167,11 +214,15 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
     if dist.is_main:
         save_yaml(resolved, run_dir / "config.yaml")
         atomic_write_text(run_dir / "split.json", json.dumps(data.split_record, indent=1, default=str) + "\n")
+        finetune.write_record(run_dir, plan, param_groups)
 
     console.info(f"training {cfg.model} ({params / 1e6:.2f}M params) on {len(data.train)} images, "
                  f"{num_classes} classes, {data.img_size}px, {device}"
                  f"{' x' + str(dist.world_size) if dist.enabled else ''}, "
-                 f"{cfg.optimizer} lr {lr:.2e}, batch {cfg.batch_size} -> {run_dir}")
+                 f"{cfg.optimizer} lr {lr:.2e}, batch {cfg.batch_size}"
+                 f"{'' if plan.mode == 'full' else ', finetune ' + plan.mode} -> {run_dir}")
+    for line in finetune.group_lines(param_groups):
+        console.info(line)
     tb = _tensorboard(run_dir, purge_step=len(history) + 1) if dist.is_main else None
 
     def state(epoch: int, meter_now: EpochMeter | None, stop_reason: str | None = None) -> dict:
@@ -200,6 +251,11 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
     for epoch in range(start_epoch, cfg.epochs if not finished else start_epoch):
         epoch_start = time.perf_counter()
         meter = meter or EpochMeter()
+        if plan.apply(model, epoch) and probe is None:  # two-stage: the backbone joins (DDP must see its params)
+            train_model = distributed.wrap_ddp(model, dist)
+            if cfg.compile:
+                train_model = torch.compile(train_model)
+            console.info(f"epoch {epoch + 1}: backbone unfrozen (lr x {plan.lr_backbone:g})")
         train_loader.set_epoch(epoch, meter.batches)
         console.start_epoch(epoch + 1, epochs_shown, len(train_loader), meter.batches)
 
@@ -226,7 +282,7 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
         clock.end_epoch(meter.time)
         images_seen += int(train_sums["seen"])
 
-        eval_model = ema.module if ema is not None else model
+        eval_model = ema.module if ema is not None else core
         distributed.sync_buffers(eval_model, dist)
         ev = evaluate(eval_model, val_loader, num_classes=num_classes, device=device, amp=amp)
         ev = metrics_from_sums(distributed.all_reduce_sums(dist, ev["sums"]), num_classes)
@@ -234,7 +290,7 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
         seen = max(train_sums["seen"], 1.0)
         row = {"epoch": epoch + 1, "train_loss": train_sums["loss"] / seen, "train_acc": train_sums["correct"] / seen,
                "val_loss": ev["loss"], "val_acc": ev["acc"], "val_top5": ev["top5"],
-               "lr": optimizer.param_groups[0]["lr"], "epoch_time": time.perf_counter() - epoch_start,
+               "lr": max(g["lr"] for g in optimizer.param_groups), "epoch_time": time.perf_counter() - epoch_start,
                "train_time": clock.done, "wall_time": wall(),
                "train_img_s": train_sums["seen"] / meter.time if meter.time > 0 else 0.0}
         with _keep_last_good(run_dir, history):  # before this epoch's checkpoints replace good ones
@@ -258,9 +314,10 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
             stop_reason = "early_stopping"
         if dist.is_main:
             meta = {**meta_base, "epoch": epoch + 1, "metrics": _row_metrics(row)}
-            save_checkpoint(run_dir / "last.safetensors", eval_model, meta)
+            saved = probe.checkpoint_state(eval_model) if probe is not None else eval_model  # the whole model
+            save_checkpoint(run_dir / "last.safetensors", saved, meta)
             if improved:
-                save_checkpoint(run_dir / "best.safetensors", eval_model, meta)
+                save_checkpoint(run_dir / "best.safetensors", saved, meta)
             _write_metrics(run_dir, history)
             _log_tensorboard(tb, row)
             save_state(run_dir, state(epoch + 1, None, stop_reason))
@@ -275,11 +332,14 @@ def _run(cfg: TrainConfig, dist: distributed.DistInfo, run_dir: Path, data, prog
     if dist.is_main:
         if tb is not None:
             tb.close()
-        summary = _final_artifacts(run_dir, data, resolved, history, best, device=device, amp=amp,
+        summary = _final_artifacts(run_dir, data, resolved, history, best, device=device, amp=amp, probe=probe,
                                    extra={"params": params, "flops": flops, "train_time_s": clock.done,
                                           "train_img_s": images_seen / clock.done if clock.done > 0 else 0.0,
                                           "wall_time_s": wall(), "stop_reason": stop_reason or "completed",
-                                          "world_size": dist.world_size, "lr": lr, "weights": meta_base["weights"]})
+                                          "world_size": dist.world_size, "lr": lr, "weights": meta_base["weights"],
+                                          "pretrained": meta_base["pretrained"],
+                                          "finetune": {**plan.summary(), **(probe.record() if probe else {})},
+                                          "distill": settings.distill.record() if settings.distill else None})
         console.info(f"best val acc {best['val_acc']:.2%} (epoch {best['epoch']}); artifacts in {run_dir}")
     summary = distributed.broadcast_object(dist, summary)
     return summary
@@ -369,10 +429,9 @@ def _claim_run_dir(run_dir: Path, resume: bool) -> RunLock:
     return lock
 
 
-def _load_data(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool):
+def _load_data(data_cfg, dist: distributed.DistInfo, progress: bool):
     from imgarena.data import load_data
 
-    data_cfg = dataclasses.replace(cfg.data, img_size=cfg.img_size) if cfg.img_size else cfg.data
     # Rank 0 builds the decoded-image cache; the others then open it instead of racing to build it.
     data = load_data(data_cfg, progress=progress) if dist.is_main else None
     distributed.barrier(dist)
@@ -400,7 +459,33 @@ def _count(model, input_shape) -> tuple[int, int | None]:
 
 # ---------------------------------------------------------------------- outputs
 
-def _meta_base(model, data, cfg: TrainConfig) -> dict:
+def _resumed_record(run_dir: Path) -> dict | None:
+    """The `pretrained` record of a run being resumed, from its latest checkpoint (None before the first)."""
+    from imgarena.checkpoint import read_metadata
+
+    for name in ("last.safetensors", "best.safetensors"):
+        if (run_dir / name).is_file():
+            return read_metadata(run_dir / name).get("pretrained")
+    return None
+
+
+def _resumed_settings(cfg: TrainConfig, run_dir: Path):
+    """(model kwargs, DataConfig) of a run being resumed: what its config.yaml resolved when it
+    started (the source's architecture options and preprocessing) under what `cfg` sets itself."""
+    from imgarena.config import load_yaml
+    from imgarena.engine.preprocessing import FROM_WEIGHTS
+
+    saved = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    kwargs = {**(saved.get("model_kwargs") or {}), **cfg.model_kwargs}
+    data = saved.get("data") or {}
+    fill = {k: data[k] for k in FROM_WEIGHTS if getattr(cfg.data, k) is None and data.get(k) is not None}
+    if cfg.img_size:
+        fill["img_size"] = cfg.img_size
+    return kwargs, dataclasses.replace(cfg.data, **fill)
+
+
+def _meta_base(model, data, cfg: TrainConfig, pretrained: dict | None = None) -> dict:
+    """The metadata every checkpoint of the run shares; `pretrained`: the weights it started from."""
     split = data.split_record
     if len(json.dumps(split, default=str)) > SPLIT_IN_META_MAX:
         split = {k: v for k, v in split.items() if k != "splits"} | {"splits": "see split.json"}
@@ -408,7 +493,7 @@ def _meta_base(model, data, cfg: TrainConfig) -> dict:
     return {"model": {"name": getattr(m, "model_name", None) or cfg.model, "kwargs": getattr(m, "model_kwargs", {})},
             "num_classes": len(data.classes), "class_names": list(data.classes),
             "preprocessing": dict(data.preprocessing), "split": split, "imgarena_version": __version__,
-            "weights": "ema" if cfg.ema else "model", "train_config": to_dict(cfg)}
+            "weights": "ema" if cfg.ema else "model", "pretrained": pretrained, "train_config": to_dict(cfg)}
 
 
 def _row_metrics(row: dict) -> dict:
@@ -453,9 +538,11 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def _final_artifacts(run_dir: Path, data, cfg: TrainConfig, history: list[dict], best: dict, *, device, amp,
-                     extra: dict) -> dict:
+                     extra: dict, probe=None) -> dict:
     """Evaluate the best checkpoint on the full val split (and test, when there is one) and write
-    per_class.csv, confusion_matrix.png, errors.png, curves.png and summary.json."""
+    per_class.csv, confusion_matrix.png, errors.png, curves.png and summary.json. With the linear
+    probe's `probe`, the checkpoint's head scores the splits' stored features (the same numbers as
+    its forward on the images: the backbone is the probe's, bitwise)."""
     from imgarena import calibration
     from imgarena.checkpoint import load_model
     from imgarena.data.loader import BatchLoader
@@ -467,8 +554,10 @@ def _final_artifacts(run_dir: Path, data, cfg: TrainConfig, history: list[dict],
     num_classes = len(data.classes)
 
     def run_eval(split):
+        if probe is not None:
+            return probe.evaluate(model, split, num_classes=num_classes)
         loader = BatchLoader(split, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, device=device, augment="none",
-                             mean=data.mean, std=data.std, channels_last=cfg.channels_last)
+                             mean=data.mean, std=data.std, channels_last=cfg.channels_last, out_size=data.img_size)
         return evaluate(model, loader, num_classes=num_classes, device=device, amp=amp, return_outputs=True)
 
     ev = run_eval(data.val)

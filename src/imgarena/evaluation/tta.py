@@ -7,7 +7,8 @@ Levels, each a superset of the previous one:
   flip-crop 12 views  crop + the mirror of every crop
 
 Crops are resized back to the input size because many models (Mixer, ViT, Swin) accept only the
-size they were built for. Logits are averaged (not probabilities) so the result is still logits and
+size they were built for, with the checkpoint's interpolation (preprocessing "interpolation",
+bilinear when absent). Logits are averaged (not probabilities) so the result is still logits and
 callers apply softmax / cross-entropy as usual. Shared by `imgarena predict --tta` and `imgarena eval --tta`.
 torch is imported inside the functions that need it, so the CLI can check a mode without it.
 """
@@ -40,9 +41,16 @@ def num_views(mode) -> int:
     return {"none": 1, "flip": 2, "crop": 7, "flip-crop": 12}[parse_tta(mode)]
 
 
-def _crops(x):
+def _crops(x, interpolation: str = "bilinear"):
     """Four corner crops and a centre crop at CROP_SCALE, each resized back to x's size."""
     import torch.nn.functional as F
+
+    from imgarena.config import INTERPOLATIONS  # the preprocessing names are F.interpolate's modes too
+
+    mode = interpolation or "bilinear"
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    smooth = {"align_corners": False} if mode != "nearest" else {}
 
     h, w = x.shape[-2:]
     ch, cw = max(1, round(h * CROP_SCALE)), max(1, round(w * CROP_SCALE))
@@ -51,30 +59,30 @@ def _crops(x):
     out = []
     for t, l in zip(tops, lefts):
         crop = x[..., t:t + ch, l:l + cw]
-        out.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
+        out.append(F.interpolate(crop, size=(h, w), mode=mode, **smooth))
     return out
 
 
-def tta_views(x, mode) -> list:
+def tta_views(x, mode, interpolation: str = "bilinear") -> list:
     """The views of batch x (B, C, H, W) that `mode` averages over; the first is always x itself."""
     mode = parse_tta(mode)
     if mode == "none":
         return [x]
     views = [x, x.flip(-1)]
     if mode in ("crop", "flip-crop"):
-        crops = _crops(x)
+        crops = _crops(x, interpolation)
         views += crops
         if mode == "flip-crop":
             views += [c.flip(-1) for c in crops]
     return views
 
 
-def tta_logits(model, x, mode="none"):
+def tta_logits(model, x, mode="none", *, interpolation: str = "bilinear"):
     """Mean logits of `model` over the TTA views of x. Call under torch.inference_mode() for speed.
 
     Views run one at a time (not concatenated) so memory stays that of a single batch.
     """
-    views = tta_views(x, mode)
+    views = tta_views(x, mode, interpolation)
     total = None
     for v in views:
         out = model(v).float()

@@ -64,12 +64,19 @@ def create_model(name: str, num_classes: int = 1000, *, in_chans: int = 3, img_s
                  drop_path_rate: float = 0.0, pretrained: str | None = None, train_device=None, **overrides):
     """Build a registered model (or `timm/<name>`) with the one contract every family shares.
 
-    `overrides` replace the variant's architecture kwargs (e.g. depth=3). `pretrained` is "timm"
-    (fetch timm's weights through its hub) or a path to a safetensors/.pth state dict in timm's format.
-    Before any weight is allocated the parameter count is checked against the memory available
-    (`imgarena.models.memory`); `train_device` also checks the training footprint on that device.
+    `overrides` replace the variant's architecture kwargs (e.g. depth=3). `pretrained` is "timm" or
+    "timm:<arch.tag>" (timm's hub weights), a weights file in timm's or our format, or an imgarena run
+    folder / checkpoint, whose architecture options are the base under `overrides` and whose image
+    size is the default (see `imgarena.models.pretrained`). Before any weight is allocated the
+    parameter count is checked against the memory available (`imgarena.models.memory`);
+    `train_device` also checks the training footprint on that device.
     """
     check_common_args(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_path_rate=drop_path_rate)
+    if pretrained:  # a run's weights need its architecture: its options first, explicit ones win
+        from imgarena.models.pretrained import source_img_size, source_model_kwargs
+
+        overrides = {**source_model_kwargs(pretrained, name), **overrides}
+        img_size = img_size if img_size is not None else source_img_size(pretrained, name)
     if name.startswith("timm/"):
         from imgarena.models.timm_wrap import create_timm_model
 

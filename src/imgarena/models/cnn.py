@@ -91,6 +91,11 @@ class CNN(ClassifierMixin, nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layers for layer-wise lr decay: each conv block (each stage when coarse), the fc layer, the head."""
+        return dict(blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
+                            (r"^fc", (len(self.stages),))])
+
     def init_weights(self) -> None:
         """He (fan-out) normal convs, BN at 1/0, PyTorch's default Linear init."""
         he_init_(self)

@@ -242,6 +242,11 @@ class ConvNeXt(ClassifierMixin, nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping: stem, each stage's downsample and blocks (each stage when coarse), head (with head_norm)."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+
     @torch.no_grad()
     def init_weights(self, head_init_scale: float = 1.0) -> None:
         """timm's init: truncated normal (std .02) convs and linears, zero biases; head optionally scaled."""

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from imgarena.models._base import ClassifierMixin
+from imgarena.models._base import MATCH_PREV_GROUP, ClassifierMixin
 from imgarena.models._layers import DropPath, Mlp, PatchEmbed, fold_residuals, trunc_normal_
 from imgarena.models._registry import register_family
 
@@ -121,6 +121,10 @@ class MlpMixer(ClassifierMixin, nn.Module):
         x = x.mean(dim=1)  # global average pooling over tokens: (B, C)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping: stem, one layer per Mixer block (the final norm joins the last), head."""
+        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (MATCH_PREV_GROUP,))])
 
     def explain_grid(self, feats: torch.Tensor, input_hw) -> torch.Tensor:
         """Explain contract: (B, S, C) tokens -> (B, C, H/P, W/P), the patch grid in raster order."""

@@ -34,6 +34,10 @@ class MLP(ClassifierMixin, nn.Module):
     def forward_head(self, x, pre_logits: bool = False):
         return x if pre_logits else self.head(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layers for layer-wise lr decay: each hidden Linear, then the head."""
+        return dict(blocks=r"^body\.(\d+)")
+
     # Explain contract: an MLP flattens the image first, so the only map over the image it has is the
     # input itself; Grad-CAM/LayerCAM on it become gradient-times-input saliency.
     def explain_features(self, x):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from imgarena.errors import UserError
-from imgarena.models._base import ClassifierMixin
+from imgarena.models._base import MATCH_PREV_GROUP, ClassifierMixin
 from imgarena.models._fastpaths import SmallMapConv2d, conv_bn_act, fast_path_ok
 from imgarena.models._layers import DropPath, to_channels_last
 from imgarena.models._registry import register_family
@@ -166,6 +166,11 @@ class MobileNet(ClassifierMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(2, 3)))  # global average pool: (B, num_features)
         return x if pre_logits else self.head(x)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's EfficientNet grouping: stem, each block (each stage when coarse; conv_head joins the last), head."""
+        return dict(stem=r"^conv_stem|bn1", blocks=[(r"^blocks\.(\d+)" if coarse else r"^blocks\.(\d+)\.(\d+)", None),
+                                                    (r"conv_head|bn2", (MATCH_PREV_GROUP,))])
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -167,6 +167,10 @@ class ResNet(ClassifierMixin, nn.Module):
         x = self.head_drop(x.mean(dim=(2, 3)))  # global average pool: (B, C)
         return x if pre_logits else self.head(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping: stem, each residual block (each stage when coarse), head."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
     @torch.no_grad()
     def init_weights(self, zero_init_last: bool = True) -> None:
         """He (fan-out) normal convs, BN at 1/0, PyTorch's default Linear init; optionally zero-init

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgarena.errors import UserError
-from imgarena.models._base import ClassifierMixin
+from imgarena.models._base import MATCH_PREV_GROUP, ClassifierMixin
 from imgarena.models._layers import (DropPath, Mlp, PatchEmbed, fused_cpu_inference, init_linears_, linear,
                                      linear_residual, split_heads, trunc_normal_)
 from imgarena.models._registry import register_family
@@ -306,6 +306,15 @@ class SwinTransformer(ClassifierMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(1, 2)))  # global average pooling: (B, 8C)
         return x if pre_logits else self.head(x)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping: patch embedding, each stage's downsample and blocks (each stage when coarse), head."""
+        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
+            (r"^layers\.(\d+)\.downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+            (r"^norm", (MATCH_PREV_GROUP,))])
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
 
     def explain_grid(self, feats: torch.Tensor, input_hw) -> torch.Tensor:
         """Explain contract: the last stage's (B, h, w, C) token grid as (B, C, h, w). Attention is

@@ -49,6 +49,17 @@ class TimmModel(ClassifierMixin, nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.model.reset_classifier(num_classes)
 
+    def group_matcher(self, coarse: bool = False):
+        """timm's own grouping of the wrapped model, over our `model.`-prefixed names."""
+        from imgarena.models._base import prefixed_matcher
+
+        inner = getattr(self.model, "group_matcher", None)
+        return prefixed_matcher(inner(coarse=coarse), "model.") if inner is not None else {}
+
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{n}" for n in inner()} if inner is not None else set()
+
     def forward_features(self, x):
         return self.model.forward_features(x)
 
@@ -118,8 +129,9 @@ def create_timm_model(name: str, num_classes: int = 1000, in_chans: int = 3, img
     """Build timm model `name` wrapped as a `TimmModel`. Unknown names -> UserError with close matches.
 
     `img_size` is passed to timm for architectures built for a fixed size (ViT-like); CNNs take any
-    size and get none. `pretrained="timm"` downloads timm's weights through its hub; a path loads a
-    local state dict in timm's format (see `imgarena.models.pretrained`).
+    size and get none. `pretrained="timm"` (or "timm:<name.tag>") downloads timm's weights through
+    its hub; a path loads a local state dict in timm's format or an imgarena run's weights (see
+    `imgarena.models.pretrained`).
     """
     import timm
 

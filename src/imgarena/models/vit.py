@@ -13,6 +13,12 @@ token is prepended and a learned position embedding added, giving z0 of shape (N
 
 then LayerNorm; the class token's output (or the mean of the patch tokens) feeds a linear head.
 Module and parameter names are timm's, so timm checkpoints load directly.
+
+`distilled=True` adds DeiT's distillation token (Touvron et al., Sec. 4): one more learned prefix
+token whose output feeds its own head, `head_dist`, trained on a teacher's predictions while the
+class head (or the average-pooled head) learns the labels. With `set_distilled_training(True)` a
+model in train mode returns (logits, dist_logits) for the distillation loss; otherwise (eval,
+predict, export) it returns their average, DeiT's inference rule.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgarena.errors import UserError
-from imgarena.models._base import AttentionTrace, ClassifierMixin
+from imgarena.models._base import MATCH_PREV_GROUP, AttentionTrace, ClassifierMixin
 from imgarena.models._layers import (DropPath, Mlp, PatchEmbed, fused_cpu_inference, init_linears_, linear,
                                      linear_residual, split_heads, trunc_normal_)
 from imgarena.models._registry import register_family
@@ -105,18 +111,33 @@ class Block(nn.Module):
         return self.mlp.forward_residual(self.norm2(x), x)
 
 
+class _DistilledHead(nn.Module):
+    """The classifier of a distilled ViT as one module: (B, 2D) pooled features (class readout, then
+    distillation token) -> the average of the two heads' logits. It holds the model's own two head
+    modules (the same parameters), so training or freezing it trains or freezes them."""
+
+    def __init__(self, head: nn.Module, head_dist: nn.Module):
+        super().__init__()
+        self.head, self.head_dist = head, head_dist
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, x_dist = x.chunk(2, dim=-1)
+        return (self.head(x) + self.head_dist(x_dist)) / 2
+
+
 class VisionTransformer(ClassifierMixin, nn.Module):
     """ViT. `global_pool="token"` classifies from the class token; `"avg"` averages the patch tokens
     (then, as in timm, the final LayerNorm is applied after pooling as `fc_norm`). `mlp_dim` overrides
     `mlp_ratio * embed_dim`. Inputs of another size (a multiple of the patch) resample the position
-    embedding on the fly.
+    embedding on the fly. `distilled` adds the distillation token after the class token (see the
+    module docstring); its pooled features are the two readouts side by side, (B, 2 * embed_dim).
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  mlp_dim: int | None = None, qkv_bias: bool = True, class_token: bool = True,
                  global_pool: str = "token", drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, distilled: bool = False):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise UserError(f"global_pool must be 'token' or 'avg', not {global_pool!r}")
@@ -125,10 +146,13 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.distilled = bool(distilled)
+        self.distilled_training = False  # set_distilled_training: train mode returns both heads' logits
+        self.num_prefix_tokens = int(class_token) + int(self.distilled)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(proj_drop_rate)
         mlp_dim = int(mlp_dim or embed_dim * mlp_ratio)
@@ -141,6 +165,8 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if self.distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
 
     @torch.no_grad()
@@ -149,14 +175,17 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            trunc_normal_(self.dist_token, std=0.02)  # as timm's VisionTransformerDistilled
         init_linears_(self)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
         if grid != self.patch_embed.grid_size:  # another input size: resample the learned grid
             pos = resample_pos_embed(pos, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)  # (B, prefix + N, D): [cls], [dist], patches
         return self.pos_drop(x + pos)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,9 +196,51 @@ class VisionTransformer(ClassifierMixin, nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        feats = x
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
         x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
+        if not self.distilled:
+            return x if pre_logits else self.head(x)
+        # the distillation token is the last prefix token; fc_norm normalises it too when the
+        # patch tokens are averaged (then the final norm is the identity)
+        x_dist = self.head_drop(self.fc_norm(feats[:, self.num_prefix_tokens - 1]))  # (B, D)
+        if pre_logits:
+            return torch.cat([x, x_dist], dim=1)  # (B, 2D); get_classifier() maps it to forward's logits
+        if self.distilled_training and self.training:
+            return self.head(x), self.head_dist(x_dist)
+        return (self.head(x) + self.head_dist(x_dist)) / 2
+
+    # ---- distillation token (DeiT)
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Train mode returns (class head logits, distillation head logits) while enabled (the
+        distillation loss trains each on its own target); eval mode always returns their average."""
+        if enable and not self.distilled:
+            raise ValueError("set_distilled_training needs a model built with distilled=True")
+        self.distilled_training = bool(enable)
+
+    def get_classifier(self) -> nn.Module:
+        if not self.distilled:
+            return self.head
+        return _DistilledHead(self.head, self.head_dist)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        if self.distilled:
+            dev = next(self.parameters()).device
+            self.head_dist = nn.Linear(self.embed_dim, num_classes).to(dev) if num_classes > 0 else nn.Identity()
+            if isinstance(self.head_dist, nn.Linear):
+                nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
+                nn.init.zeros_(self.head_dist.bias)
+
+    # ---- fine-tuning contract (see _base.ClassifierMixin)
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping: tokens, position embedding and patch embedding; each block (the final norm
+        joins the last); the head (with fc_norm)."""
+        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (MATCH_PREV_GROUP,))])
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n in ("pos_embed", "cls_token", "dist_token")}
 
     # ---- explain contract (see _base.ClassifierMixin)
     def _grid(self, input_hw) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from imgarena.calibration import temperature_of
+from imgarena.data.images import decode_settings
 from imgarena.errors import UserError
 from imgarena.predict import PredictionRow, class_names_of, is_onnx, softmax, topk_pairs
 
@@ -57,8 +58,7 @@ class Backend:
             "model": {"name": model.get("name"), "kwargs": model.get("kwargs", {})},
             "num_classes": len(self.class_names),
             "class_names": list(self.class_names),
-            "preprocessing": {"img_size": pre["img_size"], "channels": pre["channels"],
-                              "resize": pre.get("resize", "squash"), "mean": list(pre["mean"]), "std": list(pre["std"])},
+            "preprocessing": {**decode_settings(pre), "mean": list(pre["mean"]), "std": list(pre["std"])},
             "calibration": ({"method": "temperature", "temperature": self.temperature} if self.temperature
                             else {"method": "none", "temperature": None}),
         }

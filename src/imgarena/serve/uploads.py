@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgarena.data.images import BadImage, decode_image
+from imgarena.data.images import BadImage, decode_image, decode_settings
 
 RAW_TYPES = ("application/octet-stream",)  # plus any image/* type
 MAX_NAME = 200  # characters of an uploaded file name echoed back
@@ -123,6 +123,4 @@ def decode_upload(data: bytes, preprocessing: dict, *, max_pixels: int) -> np.nd
     from the header, before anything is decoded."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    return decode_image(io.BytesIO(data), channels=int(preprocessing["channels"]),
-                        img_size=int(preprocessing["img_size"]), resize=preprocessing.get("resize", "squash"),
-                        max_pixels=max_pixels)[0]
+    return decode_image(io.BytesIO(data), **decode_settings(preprocessing), max_pixels=max_pixels)[0]
