@@ -118,7 +118,6 @@ def speed(args, root: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from imgarena.engine.features import extract_features  # noqa: F401  (the code path the run uses)
     from imgarena.models import create_model
     from imgarena.models.flops import count_flops
 
@@ -137,8 +136,8 @@ def speed(args, root: str) -> dict:
     s = _train(root, photos, "resnet50-linear", model="resnet50", pretrained=weights, finetune="linear",
                img_size=224, channels=3, crop_pct=0.875, epochs=10, batch_size=64, seed=0)
     peak_after = matmul_peak()
-    feat = s.get("features") or {}
-    img_s = feat.get("img_s")
+    feat = {k: v for k, v in (s.get("finetune") or {}).items() if k.startswith("feature")}
+    img_s = feat.get("feature_img_s")
     out = {"images": len(rows), "wall_s": round(s["wall_s"], 1), "goal_wall_s": 120,
            "forward_gflop_per_image": round(flops / 1e9, 2), "matmul_peak_gflop_s": [round(peak, 1), round(peak_after, 1)],
            "features": feat, "threads": torch.get_num_threads()}
