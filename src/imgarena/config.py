@@ -589,11 +589,12 @@ class TrainConfig(Validated):
 
     def _check(self) -> None:
         if self.finetune in ("linear", "two-stage") and not self.pretrained:
-            raise ConfigValueError("finetune", f"{self.finetune} trains a pretrained backbone: set pretrained too "
-                                   "(timm, a weights file or an earlier run folder)", self.finetune)
+            raise ConfigValueError("finetune", f"is {self.finetune}, which trains a pretrained backbone: set pretrained "
+                                   "too (--pretrained timm, a weights file or an earlier run folder)", self.finetune,
+                                   show_value=False)
         if self.distill_from and self.finetune == "linear":
             raise ConfigValueError("distill_from", "trains the whole student: use finetune full or two-stage with it",
-                                   self.distill_from)
+                                   self.distill_from, show_value=False)
 
     @property
     def finetune_mode(self) -> str:
