@@ -450,7 +450,7 @@ def run_explain(cfg: ExplainConfig) -> list[ExplainRow]:
     from PIL import Image
 
     from imgarena.checkpoint import atomic_write_text, load_model
-    from imgarena.data.images import BadImage
+    from imgarena.data.images import BadImage, decode_settings
     from imgarena.engine.distributed import resolve_device
     from imgarena.predict import class_names_of, decoded_batches, default_workers, expand_inputs, path_decoder
 
@@ -459,6 +459,7 @@ def run_explain(cfg: ExplainConfig) -> list[ExplainRow]:
     model, meta = load_model(cfg.checkpoint, which=cfg.which, device=resolve_device(cfg.device))
     names = class_names_of(meta)
     pre = meta["preprocessing"]
+    view = decode_settings(pre)  # resize and crop_pct, with an older checkpoint's defaults
     tgt = resolve_target(cfg.target, names)
     method = resolve_method(model, cfg.method, tgt is not None)
     out = Path(cfg.out)
@@ -489,8 +490,7 @@ def run_explain(cfg: ExplainConfig) -> list[ExplainRow]:
                 except BadImage as e:
                     rows.append(ExplainRow(p, error=str(e)))
                     continue
-                raw = to_image_frame(cam, (w, h), frame_size(w, h, 1, MAP_MAX_SIDE), pre.get("resize") or "squash",
-                                     float(pre.get("crop_pct") or 1.0))
+                raw = to_image_frame(cam, (w, h), frame_size(w, h, 1, MAP_MAX_SIDE), view["resize"], view["crop_pct"])
                 pw, ph = frame_size(w, h, PNG_MIN_SIDE, PNG_MAX_SIDE)
                 shown = np.asarray(rgb.resize((pw, ph), Image.BILINEAR))
                 heat = resize_map(raw, pw, ph)

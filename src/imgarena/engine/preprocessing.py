@@ -72,10 +72,11 @@ def check_prepared(data, cfg: TrainConfig) -> DataConfig:
     UserError; one the weights brought is a warning (the data's is used). Returns the DataConfig
     that describes the data as used, for the run's config.yaml."""
     data_cfg, origin = _resolve(cfg)
+    from imgarena.data.images import decode_settings
+
     pre = data.preprocessing
-    have = {"img_size": int(data.img_size), "channels": int(data.channels),
-            "crop_pct": float(pre.get("crop_pct", 1.0)), "interpolation": pre.get("interpolation", "bilinear"),
-            "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]]}
+    have = {k: v for k, v in decode_settings(pre).items() if k in FROM_WEIGHTS}
+    have.update(mean=[float(v) for v in pre["mean"]], std=[float(v) for v in pre["std"]])
     actual = {}
     for key in FROM_WEIGHTS:
         want = getattr(data_cfg, key)
